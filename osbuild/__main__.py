@@ -1,0 +1,193 @@
+"""Command line: parse, load, run, print (DESIGN 1.1)."""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+from osbuild import __version__
+from osbuild.buildroot import stream_monitor
+from osbuild.manifest import host_runner, innermost, load, load_pipeline, validate
+from osbuild.meta import ValidationError
+from osbuild.objectstore import ObjectStore, StoreError
+from osbuild.pipeline import BuildContext, Pipeline
+
+DEFAULT_LIBDIR = "/usr/lib/osbuild"
+
+
+class UsageError(Exception):
+    """Bad command-line input (a file that is missing or malformed, …)."""
+
+
+def parse_args(argv):
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(
+        prog="osbuild", description="Build operating-system images from a JSON manifest.")
+    parser.add_argument("manifest", metavar="MANIFEST",
+                        help="the manifest (JSON file), or - to read it from stdin")
+    parser.add_argument("--store", metavar="DIR", default=".osbuild",
+                        help="directory of the object store (default: .osbuild)")
+    parser.add_argument("--libdir", metavar="DIR", default=DEFAULT_LIBDIR,
+                        help="directory holding stages/ assemblers/ sources/ runners/ "
+                             f"(default: {DEFAULT_LIBDIR})")
+    parser.add_argument("--sources", metavar="FILE",
+                        help="JSON file of source options; overrides the manifest's sources")
+    parser.add_argument("--secrets", metavar="FILE",
+                        help="JSON file of secrets handed to source programs")
+    parser.add_argument("--build-env", metavar="FILE",
+                        help='JSON {"runner": NAME, "pipeline": {...}} used as the innermost '
+                             "build pipeline")
+    parser.add_argument("--checkpoint", metavar="ID", action="append", default=[],
+                        help="commit the tree after the stage with this id to the store "
+                             "(repeatable)")
+    parser.add_argument("--output-directory", metavar="DIR",
+                        help="also place the assembler's output in DIR")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON result object instead of the human log")
+    parser.add_argument("--version", action="version", version=f"osbuild {__version__}")
+    return parser.parse_args(argv)
+
+
+def read_json(path, what):
+    """Read a JSON file (or stdin for '-'), naming it in errors."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+            path = "<stdin>"
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {path} is not UTF-8 text: {e.reason}") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def load_build_env(path, pipeline):
+    """Attach the --build-env pipeline as the innermost build pipeline."""
+    env = read_json(path, "build environment")
+    if not isinstance(env, dict) or not isinstance(env.get("runner"), str) \
+            or not isinstance(env.get("pipeline", {}), dict):
+        raise UsageError(f"build environment {path}: expected "
+                         '{"runner": NAME, "pipeline": {...}}')
+    build = load_pipeline(env.get("pipeline") or {}, "build-env.pipeline")
+    inner = innermost(pipeline)
+    inner.build = build
+    inner.runner = env["runner"]
+    return _rebuild(pipeline)
+
+
+def _rebuild(pipeline):
+    """Recompute ids after a build pipeline was attached (ids depend on it)."""
+    if pipeline.build is not None:
+        pipeline.build = _rebuild(pipeline.build)
+    fresh = Pipeline(pipeline.runner, pipeline.build)
+    for stage in pipeline.stages:
+        fresh.add_stage(stage.name, stage.options)
+    if pipeline.assembler:
+        fresh.set_assembler(pipeline.assembler.name, pipeline.assembler.options)
+    return fresh
+
+
+def copy_output(store, output_id, directory):
+    """Copy the assembler's output to `directory`; returns the copied paths."""
+    src = store.resolve_ref(output_id)
+    os.makedirs(directory, exist_ok=True)
+    copied = []
+    for name in sorted(os.listdir(src)):
+        dst = os.path.join(directory, name)
+        path = os.path.join(src, name)
+        tmp = os.path.join(directory, f".{name}.osbuild-tmp")
+        if os.path.isdir(path) and not os.path.islink(path):
+            if os.path.lexists(tmp):
+                shutil.rmtree(tmp)
+            shutil.copytree(path, tmp, symlinks=True)
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                shutil.rmtree(dst)
+        else:
+            shutil.copy2(path, tmp, follow_symlinks=False)
+        os.replace(tmp, dst)
+        copied.append(dst)
+    return copied
+
+
+def print_human(result):
+    """The closing lines of the human log."""
+    if result["success"]:
+        if result.get("tree_id"):
+            print(f"tree id: {result['tree_id']}")
+        if result.get("output_id"):
+            print(f"output id: {result['output_id']}")
+    else:
+        print("Failed")
+
+
+def run(args):
+    """Do what the command line asks; returns the exit status."""
+    desc = read_json(args.manifest, "manifest")
+    manifest = load(desc)
+    pipeline = manifest.pipeline
+    if args.build_env:
+        pipeline = load_build_env(args.build_env, pipeline)
+    sources = manifest.sources
+    if args.sources:
+        sources = read_json(args.sources, "sources file")
+        if not isinstance(sources, dict):
+            raise UsageError(f"sources file {args.sources}: expected a JSON object")
+    secrets = None
+    if args.secrets:
+        secrets = read_json(args.secrets, "secrets file")
+        if not isinstance(secrets, dict):
+            raise UsageError(f"secrets file {args.secrets}: expected a JSON object")
+    libdir = os.path.abspath(args.libdir)
+    if not os.path.isdir(os.path.join(libdir, "stages")):
+        raise UsageError(f"libdir {libdir} has no stages/ directory (use --libdir)")
+    validate(pipeline, libdir, "pipeline" if "pipeline" in desc else "")
+    runner = host_runner(libdir)
+    known = set(pipeline.all_stage_ids())
+    for checkpoint in args.checkpoint:
+        if checkpoint not in known:
+            raise UsageError(f"checkpoint {checkpoint} matches no stage of the manifest")
+    store = ObjectStore(args.store)
+    ctx = BuildContext(store, libdir, sources, secrets,
+                       monitor=None if args.json else stream_monitor,
+                       checkpoints=args.checkpoint)
+    result = pipeline.run(ctx, runner)
+    if result["success"] and args.output_directory and pipeline.output_id:
+        copied = copy_output(store, pipeline.output_id, args.output_directory)
+    else:
+        copied = []
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print_human(result)
+        for path in copied:
+            print(f"output: {path}")
+    return 0 if result["success"] else 1
+
+
+def main(argv=None):
+    """Entry point of the `osbuild` command."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("\nosbuild: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValidationError, StoreError) as e:
+        print(f"osbuild: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"osbuild: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The build root: a systemd-nspawn container that runs one program.
+
+One BuildRoot serves all programs of a pipeline. It owns a directory in
+STORE/tmp holding the (empty) container root and the container's /etc,
+/var and /tmp; the build tree's /usr (and /bin, /sbin, /lib* where they are
+real directories) is bind-mounted read-only. The runner populates /etc once
+for the whole build root, not once per program.
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import osbuild
+from osbuild.api import OsbuildAPI
+from osbuild.objectstore import remove_tree
+
+CONTAINER_LIBDIR = "/run/osbuild/lib"
+CONTAINER_PYTHON = "/run/osbuild/python"
+CONTAINER_TREE = "/run/osbuild/tree"
+# nspawn refuses to rm its propagation directory when /run is not a tmpfs.
+_NSPAWN_NOISE = ('Attempted to remove disk file system under "/run/systemd/nspawn/propagate/',)
+_USR_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+
+class RunResult:
+    """What running one program produced."""
+
+    def __init__(self, returncode, output):
+        self.returncode = returncode
+        self.output = output
+
+    @property
+    def success(self):
+        """Whether the program exited with status 0."""
+        return self.returncode == 0
+
+
+class BuildRoot(contextlib.AbstractContextManager):
+    """Runs programs from `libdir` in containers made from the tree `root`."""
+
+    def __init__(self, root, runner, libdir, tmpdir):
+        self.root = os.path.abspath(root)
+        self.runner = runner
+        self.libdir = os.path.abspath(libdir)
+        self.dir = tempfile.mkdtemp(dir=tmpdir, prefix="buildroot-")
+        self.machine_root = os.path.join(self.dir, "root")
+        self.etc = os.path.join(self.dir, "etc")
+        self.var = os.path.join(self.dir, "var")
+        self.tmp = os.path.join(self.dir, "tmp")
+        for d in (self.machine_root, self.etc, self.var, self.tmp):
+            os.mkdir(d, 0o755)
+        os.chmod(self.tmp, 0o1777)
+        self._prepare_root()
+
+    def _prepare_root(self):
+        # Mirror the build tree's merged-/usr symlinks so /bin/sh etc. resolve.
+        for name in _USR_DIRS:
+            src = os.path.join(self.root, name)
+            dst = os.path.join(self.machine_root, name)
+            if os.path.islink(src):
+                os.symlink(os.readlink(src), dst)
+            elif os.path.isdir(src):
+                os.mkdir(dst, 0o755)
+        # systemd-nspawn wants an os-release file to accept the directory.
+        os.makedirs(os.path.join(self.machine_root, "etc"), exist_ok=True)
+        os.makedirs(os.path.join(self.machine_root, "usr"), exist_ok=True)
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+    def cleanup(self):
+        """Remove the build root's directory."""
+        if self.dir is not None:
+            remove_tree(self.dir)
+            self.dir = None
+
+    def _nspawn_argv(self, api_dir, binds, ro_binds):
+        argv = [
+            "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2",
+            "--link-journal=no", "--console=pipe", "--private-users=no",
+            "--timezone=off", "--resolv-conf=off",
+            "--capability=CAP_MAC_ADMIN,CAP_SYS_RAWIO",
+            f"--machine=osbuild-{uuid.uuid4().hex[:16]}",
+            f"--directory={self.machine_root}",
+            "--setenv=PYTHONPATH=" + CONTAINER_PYTHON,
+            "--setenv=PYTHONUNBUFFERED=1",
+            "--setenv=LC_ALL=C.UTF-8",
+            "--setenv=PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        ]
+        for name in _USR_DIRS:
+            src = os.path.join(self.root, name)
+            if os.path.isdir(src) and not os.path.islink(src):
+                argv.append(f"--bind-ro={src}:/{name}")
+        argv += [
+            f"--bind={self.etc}:/etc",
+            f"--bind-ro={os.path.join(self.root, 'etc')}:/run/osbuild/buildroot-etc",
+            f"--bind={self.var}:/var",
+            f"--bind={self.tmp}:/tmp",
+            f"--bind-ro={self.libdir}:{CONTAINER_LIBDIR}",
+            f"--bind-ro={os.path.dirname(os.path.abspath(osbuild.__file__))}:"
+            f"{CONTAINER_PYTHON}/osbuild",
+            f"--bind={api_dir}:/run/osbuild/api",
+        ]
+        argv += [f"--bind={src}:{dst}" for src, dst in binds]
+        argv += [f"--bind-ro={src}:{dst}" for src, dst in ro_binds]
+        return argv
+
+    def run(self, kind, name, args, binds=(), ro_binds=(), apis=(), monitor=None):
+        """Run the program `<libdir>/<kind>/<name>` with JSON `args` on stdin.
+
+        `binds`/`ro_binds` are (host path, container path) pairs; `apis` are
+        BaseAPI servers to expose next to the osbuild API; `monitor` is called
+        with each chunk of output as it arrives.
+        """
+        api_dir = tempfile.mkdtemp(dir=self.dir, prefix="api-")
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        servers = [OsbuildAPI(args, write_fd), *apis]
+        argv = self._nspawn_argv(api_dir, binds, ro_binds)
+        argv += [f"{CONTAINER_LIBDIR}/runners/{self.runner}",
+                 f"{CONTAINER_LIBDIR}/{kind}/{name}"]
+        chunks, errors = [], []
+        proc = None
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        pumps = [threading.Thread(target=_pump, args=(read_fd, chunks, monitor), daemon=True),
+                 threading.Thread(target=_pump, args=(err_r, errors, None), daemon=True)]
+        try:
+            for server in servers:
+                server.start(api_dir)
+            for pump in pumps:
+                pump.start()
+            # The container starts with nspawn's stdio (errors before the runner
+            # connects to the osbuild API land there); the program's own
+            # output arrives through the log pipe handed out by setup-stdio.
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err_w,
+                                    stderr=err_w, close_fds=True, start_new_session=True)
+            os.close(err_w)
+            err_w = None
+            returncode = proc.wait()
+        finally:
+            if proc is not None and proc.poll() is None:
+                _terminate(proc)
+            for server in servers:
+                server.stop()
+            os.close(write_fd)
+            if err_w is not None:
+                os.close(err_w)
+            for pump, fd in zip(pumps, (read_fd, err_r)):
+                pump.join(timeout=30)
+                if not pump.is_alive():
+                    os.close(fd)
+            remove_tree(api_dir)
+        chunks += _filter_noise(errors, monitor)
+        output = b"".join(chunks).decode("utf-8", errors="replace")
+        return RunResult(returncode, output)
+
+
+def _pump(fd, chunks, monitor):
+    """Copy output from `fd` until every writer has closed it."""
+    while True:
+        data = os.read(fd, 65536)
+        if not data:
+            return
+        chunks.append(data)
+        if monitor is not None:
+            monitor(data)
+
+
+def _filter_noise(chunks, monitor):
+    """Drop nspawn's known harmless complaints; pass the rest on."""
+    lines = b"".join(chunks).decode("utf-8", errors="replace").splitlines(keepends=True)
+    kept = [line for line in lines if not line.startswith(_NSPAWN_NOISE)]
+    data = "".join(kept).encode()
+    if data and monitor is not None:
+        monitor(data)
+    return [data] if data else []
+
+
+def _terminate(proc):
+    """Stop the container: SIGTERM to nspawn, then SIGKILL to its session."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    deadline = time.monotonic() + 10
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+def stream_monitor(data):
+    """A monitor that writes program output to this process' stdout."""
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()

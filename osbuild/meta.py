@@ -1,0 +1,99 @@
+"""What programs in the library declare about themselves, and option checks.
+
+A program's STAGE_DESC, STAGE_INFO and STAGE_OPTS are read from its source
+with `ast`, without running it.
+"""
+
+import ast
+import json
+import os
+import re
+
+import jsonschema
+
+KINDS = ("stages", "assemblers", "sources", "runners")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ValidationError(Exception):
+    """A manifest (or part of it) is not acceptable; the message names where."""
+
+
+def check_name(name, what):
+    """Reject program names that are not plain file names (no paths, no `..`)."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ValidationError(f"invalid {what} name: {name!r}")
+
+
+def program_path(libdir, kind, name):
+    """The path of program `name` of `kind`, or a ValidationError if it is missing."""
+    what = kind[:-1]
+    check_name(name, what)
+    path = os.path.join(libdir, kind, name)
+    if not os.path.isfile(path):
+        raise ValidationError(f"unknown {what} '{name}' (no {kind}/{name} in {libdir})")
+    return path
+
+
+class ProgramInfo:
+    """The declared description and option schema of one program."""
+
+    def __init__(self, kind, name, desc, info, opts):
+        self.kind = kind
+        self.name = name
+        self.desc = desc
+        self.info = info
+        self.opts = opts
+
+    @property
+    def schema(self):
+        """The full JSON schema of the program's options."""
+        return {"$schema": "http://json-schema.org/draft-07/schema#",
+                "type": "object", **self.opts}
+
+    @classmethod
+    def load(cls, libdir, kind, name):
+        """Read the info of `<libdir>/<kind>/<name>`."""
+        path = program_path(libdir, kind, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read(), filename=path)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValidationError(f"cannot read {kind}/{name}: {e}") from None
+        values = {}
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                    and isinstance(node.targets[0], ast.Name) \
+                    and node.targets[0].id in ("STAGE_DESC", "STAGE_INFO", "STAGE_OPTS") \
+                    and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                values[node.targets[0].id] = node.value.value
+        opts_text = values.get("STAGE_OPTS", "").strip()
+        try:
+            opts = json.loads("{" + opts_text + "}") if opts_text else {}
+        except ValueError as e:
+            raise ValidationError(f"{kind}/{name}: STAGE_OPTS is not a JSON schema body: {e}") \
+                from None
+        return cls(kind, name, values.get("STAGE_DESC", "").strip(),
+                   values.get("STAGE_INFO", "").strip(), opts)
+
+    def validate(self, options, where):
+        """Raise ValidationError naming `where` if `options` break the schema."""
+        try:
+            validator = jsonschema.Draft7Validator(self.schema)
+            errors = sorted(validator.iter_errors(options), key=lambda e: list(e.absolute_path))
+        except jsonschema.SchemaError as e:
+            raise ValidationError(f"{self.kind}/{self.name}: invalid option schema: {e.message}") \
+                from None
+        if errors:
+            raise ValidationError(format_error(errors[0], where))
+
+
+def format_error(error, where):
+    """`where.path.to[3].value: message` for a jsonschema error."""
+    path = where
+    for part in error.absolute_path:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    message = error.message
+    if len(message) > 300:
+        message = message[:300] + "…"
+    return f"{path}: {message}"

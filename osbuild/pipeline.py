@@ -1,0 +1,233 @@
+"""Stages, assemblers and pipelines: their ids, descriptions and how they run."""
+
+import hashlib
+import json
+import os
+import tempfile
+
+from osbuild.buildroot import BuildRoot, CONTAINER_TREE
+from osbuild.objectstore import Object, remove_tree
+
+CONTAINER_SOURCES = "/run/osbuild/sources"
+CONTAINER_OUTPUT = "/run/osbuild/output"
+
+
+def compute_id(name, build, base, options):
+    """The id of DESIGN 1.3: SHA-256 over four canonical JSON texts."""
+    digest = hashlib.sha256()
+    for part in (name, build, base, options):
+        digest.update(json.dumps(part, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+class BuildError(Exception):
+    """A program failed; `result` is the pipeline result up to and with it."""
+
+    def __init__(self, result):
+        super().__init__("build failed")
+        self.result = result
+
+
+class BuildContext:
+    """What every program run of one osbuild invocation shares."""
+
+    def __init__(self, store, libdir, sources_options=None, secrets=None, monitor=None,
+                 checkpoints=()):
+        self.store = store
+        self.libdir = os.path.abspath(libdir)
+        self.sources_options = sources_options or {}
+        self.secrets = secrets
+        self.monitor = monitor
+        self.checkpoints = set(checkpoints)
+
+    def announce(self, step):
+        """Print the header of a step in human mode."""
+        if self.monitor is not None:
+            text = f"{step.name}: {step.id}"
+            if step.options:
+                text += " " + json.dumps(step.options, indent=2, sort_keys=True)
+            self.monitor(("\n" + text + "\n").encode())
+
+
+class Stage:
+    """One stage: a program that modifies the tree."""
+
+    kind = "stages"
+
+    def __init__(self, name, build, base, options):
+        self.name = name
+        self.build = build
+        self.base = base
+        self.options = options or {}
+        self.id = compute_id(name, build, base, self.options)
+
+    def description(self):
+        """The manifest form of this stage."""
+        desc = {"name": self.name}
+        if self.options:
+            desc["options"] = self.options
+        return desc
+
+    def run(self, ctx, buildroot, tree):
+        """Run the stage on the writable host path `tree`; returns its result."""
+        from osbuild.sources import SourcesServer  # pylint: disable=import-outside-toplevel
+        ctx.announce(self)
+        sources_dir = tempfile.mkdtemp(dir=ctx.store.tmp, prefix="sources-")
+        try:
+            server = SourcesServer(ctx.libdir, ctx.sources_options, ctx.store.sources,
+                                   sources_dir, ctx.secrets)
+            args = {"tree": CONTAINER_TREE, "sources": CONTAINER_SOURCES,
+                    "options": self.options}
+            res = buildroot.run(self.kind, self.name, args,
+                                binds=[(tree, CONTAINER_TREE)],
+                                ro_binds=[(sources_dir, CONTAINER_SOURCES)],
+                                apis=[server], monitor=ctx.monitor)
+        finally:
+            remove_tree(sources_dir)
+        return _result(self, res)
+
+
+class Assembler(Stage):
+    """The assembler: a program that turns the finished tree into an artifact."""
+
+    kind = "assemblers"
+
+    def run(self, ctx, buildroot, tree, output_dir=None):  # pylint: disable=arguments-differ
+        """Run on the read-only `tree`, writing into `output_dir`."""
+        from osbuild.remoteloop import LoopServer  # pylint: disable=import-outside-toplevel
+        ctx.announce(self)
+        args = {"tree": CONTAINER_TREE, "output_dir": CONTAINER_OUTPUT, "options": self.options}
+        res = buildroot.run(self.kind, self.name, args,
+                            binds=[(output_dir, CONTAINER_OUTPUT)],
+                            ro_binds=[(tree, CONTAINER_TREE)],
+                            apis=[LoopServer()], monitor=ctx.monitor)
+        return _result(self, res)
+
+
+def _result(step, res):
+    return {"name": step.name, "id": step.id, "options": step.options,
+            "success": res.success, "output": res.output}
+
+
+class Pipeline:
+    """Stages, an optional assembler and an optional build pipeline."""
+
+    def __init__(self, runner=None, build=None):
+        self.runner = runner
+        self.build = build
+        self.stages = []
+        self.assembler = None
+
+    @property
+    def build_id(self):
+        """The tree id of the build pipeline, or None (host build root)."""
+        return self.build.tree_id if self.build else None
+
+    @property
+    def tree_id(self):
+        """The id of the finished tree (the last stage's), or None."""
+        return self.stages[-1].id if self.stages else None
+
+    @property
+    def output_id(self):
+        """The assembler's id, or None."""
+        return self.assembler.id if self.assembler else None
+
+    def add_stage(self, name, options=None):
+        """Append a stage; returns it."""
+        stage = Stage(name, self.build_id, self.tree_id, options)
+        self.stages.append(stage)
+        return stage
+
+    def set_assembler(self, name, options=None):
+        """Set the assembler; returns it."""
+        self.assembler = Assembler(name, self.build_id, self.tree_id, options)
+        return self.assembler
+
+    def all_stage_ids(self):
+        """Ids of all stages of this pipeline and its build pipelines."""
+        ids = [s.id for s in self.stages]
+        if self.build:
+            ids += self.build.all_stage_ids()
+        return ids
+
+    def description(self):
+        """The canonical manifest form (empty and null parts dropped)."""
+        desc = {}
+        if self.build:
+            desc["build"] = {"pipeline": self.build.description(), "runner": self.runner}
+        if self.stages:
+            desc["stages"] = [s.description() for s in self.stages]
+        if self.assembler:
+            desc["assembler"] = self.assembler.description()
+        return desc
+
+    def _ids(self, result):
+        if self.tree_id:
+            result["tree_id"] = self.tree_id
+        if self.output_id:
+            result["output_id"] = self.output_id
+        return result
+
+    def _build_root(self, ctx, result, host_runner):
+        """Build the build pipeline if needed; returns (tree path, runner)."""
+        if self.build is None:
+            return "/", self.runner or host_runner
+        build_result = self.build.run(ctx, host_runner)
+        result["build"] = build_result
+        if not build_result["success"]:
+            result["success"] = False
+            raise BuildError(result)
+        if self.build.tree_id is None:
+            return "/", self.runner
+        return ctx.store.resolve_ref(self.build.tree_id), self.runner
+
+    def run(self, ctx, host_runner):
+        """Build what is not in the store yet; returns the result (DESIGN 1.4)."""
+        result = {"success": True, "stages": []}
+        store = ctx.store
+        if self.assembler and store.contains(self.output_id) or \
+                not self.assembler and (self.tree_id is None or store.contains(self.tree_id)):
+            if self.build:
+                result["build"] = self._ids({"success": True, "stages": []})
+            return self._ids(result)
+        try:
+            root, runner = self._build_root(ctx, result, host_runner)
+            with BuildRoot(root, runner, ctx.libdir, store.tmp) as buildroot:
+                self._run_stages(ctx, buildroot, result)
+                if self.assembler:
+                    self._run_assembler(ctx, buildroot, result)
+        except BuildError as e:
+            return self._ids(e.result)
+        return self._ids(result)
+
+    def _run_stages(self, ctx, buildroot, result):
+        store = ctx.store
+        todo = self.stages
+        base = None
+        for i in range(len(self.stages) - 1, -1, -1):
+            if store.contains(self.stages[i].id):
+                base = self.stages[i].id
+                todo = self.stages[i + 1:]
+                break
+        with Object(store, base) as obj:
+            for stage in todo:
+                res = stage.run(ctx, buildroot, obj.write())
+                result["stages"].append(res)
+                if not res["success"]:
+                    result["success"] = False
+                    raise BuildError(result)
+                if stage.id in ctx.checkpoints and stage is not todo[-1]:
+                    store.commit(obj, stage.id)
+            if todo:
+                store.commit(obj, self.tree_id)
+
+    def _run_assembler(self, ctx, buildroot, result):
+        store = ctx.store
+        with Object(store) as empty, store.new(self.output_id) as output:
+            tree = store.resolve_ref(self.tree_id) if self.tree_id else empty.path
+            res = self.assembler.run(ctx, buildroot, tree, output.write())
+            result["assembler"] = res
+            if not res["success"]:
+                result["success"] = False
+                raise BuildError(result)

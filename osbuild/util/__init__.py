@@ -1,0 +1,1 @@
+"""Small helpers shared by osbuild's modules and programs."""

@@ -1,0 +1,3 @@
+"""The one place that defines osbuild's version."""
+
+__version__ = "11"
