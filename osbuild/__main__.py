@@ -12,6 +12,7 @@ from osbuild.manifest import host_runner, innermost, load, load_pipeline, valida
 from osbuild.meta import ValidationError
 from osbuild.objectstore import ObjectStore, StoreError
 from osbuild.pipeline import BuildContext, Pipeline
+from osbuild.schema import check_pipeline
 
 DEFAULT_LIBDIR = "/usr/lib/osbuild"
 
@@ -45,6 +46,9 @@ def parse_args(argv):
                         help="also place the assembler's output in DIR")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON result object instead of the human log")
+    parser.add_argument("--inspect", action="store_true",
+                        help="print the manifest with the ids of all stages and the assembler "
+                             "filled in, without building")
     parser.add_argument("--version", action="version", version=f"osbuild {__version__}")
     return parser.parse_args(argv)
 
@@ -68,13 +72,14 @@ def read_json(path, what):
         raise UsageError(f"{what} {path} is not valid JSON: {e}") from None
 
 
-def load_build_env(path, pipeline):
+def load_build_env(path, pipeline, libdir=None):
     """Attach the --build-env pipeline as the innermost build pipeline."""
     env = read_json(path, "build environment")
     if not isinstance(env, dict) or not isinstance(env.get("runner"), str) \
             or not isinstance(env.get("pipeline", {}), dict):
         raise UsageError(f"build environment {path}: expected "
                          '{"runner": NAME, "pipeline": {...}}')
+    check_pipeline(env.get("pipeline"), "build-env.pipeline", libdir)
     build = load_pipeline(env.get("pipeline") or {}, "build-env.pipeline")
     inner = innermost(pipeline)
     inner.build = build
@@ -116,6 +121,36 @@ def copy_output(store, output_id, directory):
     return copied
 
 
+def inspect(pipeline, sources):
+    """The manifest with every stage's and assembler's `id` (and tree/output ids) filled in."""
+    result = {"pipeline": describe_with_ids(pipeline)}
+    if sources:
+        result["sources"] = sources
+    return result
+
+
+def describe_with_ids(pipeline):
+    """A pipeline's description with `id` in every stage and the assembler.
+
+    Each pipeline also gets its `tree_id` and `output_id` (when it has them).
+    """
+    desc = {}
+    if pipeline.build is not None:
+        desc["build"] = {"pipeline": describe_with_ids(pipeline.build),
+                         "runner": pipeline.runner}
+    elif pipeline.runner is not None:
+        desc["runner"] = pipeline.runner
+    if pipeline.stages:
+        desc["stages"] = [dict(stage.description(), id=stage.id) for stage in pipeline.stages]
+    if pipeline.assembler:
+        desc["assembler"] = dict(pipeline.assembler.description(), id=pipeline.assembler.id)
+    if pipeline.tree_id:
+        desc["tree_id"] = pipeline.tree_id
+    if pipeline.output_id:
+        desc["output_id"] = pipeline.output_id
+    return desc
+
+
 def print_human(result):
     """The closing lines of the human log."""
     if result["success"]:
@@ -130,10 +165,10 @@ def print_human(result):
 def run(args):
     """Do what the command line asks; returns the exit status."""
     desc = read_json(args.manifest, "manifest")
-    manifest = load(desc)
+    manifest = load(desc, args.libdir)
     pipeline = manifest.pipeline
     if args.build_env:
-        pipeline = load_build_env(args.build_env, pipeline)
+        pipeline = load_build_env(args.build_env, pipeline, args.libdir)
     sources = manifest.sources
     if args.sources:
         sources = read_json(args.sources, "sources file")
@@ -148,6 +183,10 @@ def run(args):
     if not os.path.isdir(os.path.join(libdir, "stages")):
         raise UsageError(f"libdir {libdir} has no stages/ directory (use --libdir)")
     validate(pipeline, libdir, "pipeline" if "pipeline" in desc else "")
+    if args.inspect:
+        json.dump(inspect(pipeline, sources), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
     runner = host_runner(libdir)
     known = set(pipeline.all_stage_ids())
     for checkpoint in args.checkpoint:
@@ -186,6 +225,12 @@ def main(argv=None):
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         print(f"osbuild: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except Exception as e:  # pylint: disable=broad-exception-caught
+        if os.environ.get("OSBUILD_DEBUG"):
+            raise
+        print(f"osbuild: internal error: {type(e).__name__}: {e} "
+              "(set OSBUILD_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
 
 

@@ -11,20 +11,27 @@ import contextlib
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 
 import osbuild
 from osbuild.api import OsbuildAPI
-from osbuild.objectstore import remove_tree
+from osbuild.util.workdir import WorkDir, clean_stale
 
+RUNTIME_DIR = "/run/osbuild"
 CONTAINER_LIBDIR = "/run/osbuild/lib"
 CONTAINER_PYTHON = "/run/osbuild/python"
 CONTAINER_TREE = "/run/osbuild/tree"
 # nspawn refuses to rm its propagation directory when /run is not a tmpfs.
 _NSPAWN_NOISE = ('Attempted to remove disk file system under "/run/systemd/nspawn/propagate/',)
+# The container must not outlive us, nor nspawn: `setpriv --pdeathsig` kills
+# `unshare` when osbuild dies (even by SIGKILL), `unshare --kill-child` then
+# kills nspawn, which runs as PID 1 of a fresh PID namespace, so the kernel
+# kills every process of the container with it (a SIGKILLed nspawn alone
+# would leave the container running).
+_CONTAINED = ["setpriv", "--pdeathsig", "KILL", "--",
+              "unshare", "--pid", "--fork", "--kill-child=KILL", "--"]
 _USR_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 
@@ -48,7 +55,9 @@ class BuildRoot(contextlib.AbstractContextManager):
         self.root = os.path.abspath(root)
         self.runner = runner
         self.libdir = os.path.abspath(libdir)
-        self.dir = tempfile.mkdtemp(dir=tmpdir, prefix="buildroot-")
+        # Locked while we live, so a concurrent osbuild never removes it.
+        self._workdir = WorkDir(tmpdir, "buildroot-")
+        self.dir = self._workdir.path
         self.machine_root = os.path.join(self.dir, "root")
         self.etc = os.path.join(self.dir, "etc")
         self.var = os.path.join(self.dir, "var")
@@ -77,7 +86,7 @@ class BuildRoot(contextlib.AbstractContextManager):
     def cleanup(self):
         """Remove the build root's directory."""
         if self.dir is not None:
-            remove_tree(self.dir)
+            self._workdir.cleanup()
             self.dir = None
 
     def _nspawn_argv(self, api_dir, binds, ro_binds):
@@ -118,10 +127,14 @@ class BuildRoot(contextlib.AbstractContextManager):
         BaseAPI servers to expose next to the osbuild API; `monitor` is called
         with each chunk of output as it arrives.
         """
-        api_dir = tempfile.mkdtemp(dir=self.dir, prefix="api-")
+        # Socket paths are limited to 108 bytes, so they cannot live in the store.
+        os.makedirs(RUNTIME_DIR, mode=0o755, exist_ok=True)
+        clean_stale(RUNTIME_DIR, ("api-",))  # left by osbuild processes that died
+        api_workdir = WorkDir(RUNTIME_DIR, "api-")
+        api_dir = api_workdir.path
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         servers = [OsbuildAPI(args, write_fd), *apis]
-        argv = self._nspawn_argv(api_dir, binds, ro_binds)
+        argv = _CONTAINED + self._nspawn_argv(api_dir, binds, ro_binds)
         argv += [f"{CONTAINER_LIBDIR}/runners/{self.runner}",
                  f"{CONTAINER_LIBDIR}/{kind}/{name}"]
         chunks, errors = [], []
@@ -151,10 +164,11 @@ class BuildRoot(contextlib.AbstractContextManager):
             if err_w is not None:
                 os.close(err_w)
             for pump, fd in zip(pumps, (read_fd, err_r)):
-                pump.join(timeout=30)
+                if pump.ident is not None:
+                    pump.join(timeout=30)
                 if not pump.is_alive():
                     os.close(fd)
-            remove_tree(api_dir)
+            api_workdir.cleanup()
         chunks += _filter_noise(errors, monitor)
         output = b"".join(chunks).decode("utf-8", errors="replace")
         return RunResult(returncode, output)

@@ -5,6 +5,7 @@ import os
 
 from osbuild.meta import ProgramInfo, ValidationError, program_path
 from osbuild.pipeline import Pipeline
+from osbuild.schema import check_manifest
 
 
 class Manifest:
@@ -58,39 +59,47 @@ def load_pipeline(desc, where, runner=None):
     _check_keys(desc, ("build", "stages", "assembler", "runner"), where or "manifest")
     build = None
     build_desc = desc.get("build")
-    if build_desc:
+    if build_desc is not None and build_desc != {}:
         bwhere = prefix + "build"
         _expect(build_desc, (dict,), bwhere, "build")
         _check_keys(build_desc, ("pipeline", "runner"), bwhere)
         if "runner" not in build_desc:
             raise ValidationError(f"{bwhere}: 'runner' is required")
         _expect(build_desc["runner"], (str,), f"{bwhere}.runner", "runner")
-        build = load_pipeline(build_desc.get("pipeline") or {}, f"{bwhere}.pipeline")
+        inner = build_desc.get("pipeline")
+        build = load_pipeline({} if inner is None else inner, f"{bwhere}.pipeline")
         runner = build_desc["runner"]
     elif desc.get("runner") is not None:
         _expect(desc["runner"], (str,), prefix + "runner", "runner")
         runner = desc["runner"]
     pipeline = Pipeline(runner, build)
-    stages = desc.get("stages") or []
+    stages = desc.get("stages")
+    stages = [] if stages is None else stages
     _expect(stages, (list,), prefix + "stages", "stages")
     for i, stage in enumerate(stages):
         name, options = _step(stage, f"{prefix}stages[{i}]", "stage")
         pipeline.add_stage(name, options)
     assembler = desc.get("assembler")
-    if assembler:
+    if assembler is not None and assembler != {}:
         name, options = _step(assembler, prefix + "assembler", "assembler")
         pipeline.set_assembler(name, options)
     return pipeline
 
 
-def load(desc):
-    """Load a manifest in either format: `{"pipeline": ..., "sources": ...}` or a bare pipeline."""
+def load(desc, libdir=None):
+    """Load a manifest in either format: `{"pipeline": ..., "sources": ...}` or a bare pipeline.
+
+    The structure is checked against schemas/osbuild1.json (see osbuild.schema) first.
+    """
+    check_manifest(desc, libdir)
     _expect(desc, (dict,), "manifest", "manifest")
     if "pipeline" in desc:
         _check_keys(desc, ("pipeline", "sources"), "manifest")
-        sources = desc.get("sources") or {}
+        sources = desc.get("sources")
+        sources = {} if sources is None else sources
         _expect(sources, (dict,), "sources", "sources")
-        return Manifest(load_pipeline(desc["pipeline"] or {}, "pipeline"), sources)
+        pipeline = desc["pipeline"]
+        return Manifest(load_pipeline({} if pipeline is None else pipeline, "pipeline"), sources)
     return Manifest(load_pipeline(desc, ""), {})
 
 
