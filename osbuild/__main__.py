@@ -13,6 +13,7 @@ from osbuild.meta import ValidationError
 from osbuild.objectstore import ObjectStore, StoreError
 from osbuild.pipeline import BuildContext, Pipeline
 from osbuild.schema import check_pipeline
+from osbuild.util import nesting
 
 DEFAULT_LIBDIR = "/usr/lib/osbuild"
 
@@ -67,9 +68,16 @@ def read_json(path, what):
     except UnicodeDecodeError as e:
         raise UsageError(f"{what} {path} is not UTF-8 text: {e.reason}") from None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except ValueError as e:
         raise UsageError(f"{what} {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        value = None  # deeper than the json module can go: reported below
+    if value is None and text.strip() != "null" or \
+            nesting.depth(value, stop=nesting.MAX_DEPTH) > nesting.MAX_DEPTH:
+        raise UsageError(f"{what} {path} is nested too deeply "
+                         f"(more than {nesting.MAX_DEPTH} levels)")
+    return value
 
 
 def load_build_env(path, pipeline, libdir=None):

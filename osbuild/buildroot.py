@@ -150,6 +150,7 @@ class BuildRoot(contextlib.AbstractContextManager):
             # The container starts with nspawn's stdio (errors before the runner
             # connects to the osbuild API land there); the program's own
             # output arrives through the log pipe handed out by setup-stdio.
+            # pylint: disable-next=consider-using-with
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err_w,
                                     stderr=err_w, close_fds=True, start_new_session=True)
             os.close(err_w)

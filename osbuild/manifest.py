@@ -6,6 +6,7 @@ import os
 from osbuild.meta import ProgramInfo, ValidationError, program_path
 from osbuild.pipeline import Pipeline
 from osbuild.schema import check_manifest
+from osbuild.util import nesting
 
 
 class Manifest:
@@ -23,7 +24,7 @@ class Manifest:
         return desc
 
 
-def _expect(value, types, where, what):
+def _expect(value, types, where, _what):
     if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
         names = {dict: "an object", list: "an array", str: "a string"}
         expected = " or ".join(names.get(t, t.__name__) for t in types)
@@ -91,6 +92,7 @@ def load(desc, libdir=None):
 
     The structure is checked against schemas/osbuild1.json (see osbuild.schema) first.
     """
+    nesting.check(desc, "manifest")  # before anything that recurses per level
     check_manifest(desc, libdir)
     _expect(desc, (dict,), "manifest", "manifest")
     if "pipeline" in desc:
@@ -103,18 +105,24 @@ def load(desc, libdir=None):
     return Manifest(load_pipeline(desc, ""), {})
 
 
-def validate(pipeline, libdir, where="pipeline"):
+def validate(pipeline, libdir, where="pipeline", _infos=None):
     """Check that every program exists and every options object fits its schema."""
     prefix = where + "." if where else ""
+    # Each program is read once, however many stages use it.
+    infos = {} if _infos is None else _infos
+    def info_of(kind, name):
+        if (kind, name) not in infos:
+            infos[kind, name] = ProgramInfo.load(libdir, kind, name)
+        return infos[kind, name]
     if pipeline.build:
-        validate(pipeline.build, libdir, f"{prefix}build.pipeline")
+        validate(pipeline.build, libdir, f"{prefix}build.pipeline", infos)
     if pipeline.runner is not None:
         program_path(libdir, "runners", pipeline.runner)
     for i, stage in enumerate(pipeline.stages):
-        info = ProgramInfo.load(libdir, "stages", stage.name)
+        info = info_of("stages", stage.name)
         info.validate(stage.options, f"{prefix}stages[{i}].options")
     if pipeline.assembler:
-        info = ProgramInfo.load(libdir, "assemblers", pipeline.assembler.name)
+        info = info_of("assemblers", pipeline.assembler.name)
         info.validate(pipeline.assembler.options, f"{prefix}assembler.options")
 
 
@@ -142,4 +150,5 @@ def host_runner(libdir, os_release_paths=("/etc/os-release", "/usr/lib/os-releas
         if not os.path.exists(os.path.join(libdir, "runners", name)):
             raise ValidationError(f"no runner for this host: {name} is not in {libdir}/runners")
         return name
-    raise ValidationError("cannot detect the host's runner: no /etc/os-release or /usr/lib/os-release")
+    raise ValidationError("cannot detect the host's runner: "
+                          "no /etc/os-release or /usr/lib/os-release")

@@ -21,7 +21,8 @@ class ValidationError(Exception):
 
 def check_name(name, what):
     """Reject program names that are not plain file names (no paths, no `..`)."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    # fullmatch: with match(), "$" would also accept a trailing newline
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise ValidationError(f"invalid {what} name: {name!r}")
 
 
@@ -33,6 +34,17 @@ def program_path(libdir, kind, name):
     if not os.path.isfile(path):
         raise ValidationError(f"unknown {what} '{name}' (no {kind}/{name} in {libdir})")
     return path
+
+
+def _string_assignment(node):
+    """(name, text) for `STAGE_xxx = "text"` at module level, else None."""
+    if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+        return None
+    target, value = node.targets[0], node.value
+    if isinstance(target, ast.Name) and target.id in ("STAGE_DESC", "STAGE_INFO", "STAGE_OPTS") \
+            and isinstance(value, ast.Constant) and isinstance(value.value, str):
+        return target.id, value.value
+    return None
 
 
 class ProgramInfo:
@@ -60,13 +72,7 @@ class ProgramInfo:
                 tree = ast.parse(f.read(), filename=path)
         except (OSError, SyntaxError, ValueError) as e:
             raise ValidationError(f"cannot read {kind}/{name}: {e}") from None
-        values = {}
-        for node in tree.body:
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 \
-                    and isinstance(node.targets[0], ast.Name) \
-                    and node.targets[0].id in ("STAGE_DESC", "STAGE_INFO", "STAGE_OPTS") \
-                    and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
-                values[node.targets[0].id] = node.value.value
+        values = dict(filter(None, map(_string_assignment, tree.body)))
         opts_text = values.get("STAGE_OPTS", "").strip()
         try:
             opts = json.loads("{" + opts_text + "}") if opts_text else {}

@@ -16,11 +16,11 @@ import contextlib
 import errno
 import os
 import re
-import shutil
-import subprocess
 import tempfile
 
 from osbuild.treesum import treesum
+from osbuild.util.fs import copy_tree, remove_tree
+from osbuild.util.workdir import WorkDir, clean_stale
 
 _ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -34,34 +34,6 @@ def _check_id(object_id):
         raise StoreError(f"invalid object id: {object_id!r}")
 
 
-def copy_tree(src, dst):
-    """Copy the tree `src` to the (not yet existing) `dst`, keeping everything.
-
-    Uses reflinks where the filesystem supports them.
-    """
-    subprocess.run(["cp", "--reflink=auto", "-a", "--", src, dst], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def remove_tree(path):
-    """Remove `path` recursively, even where a stage left it unwritable."""
-    if not os.path.lexists(path):
-        return
-    def onerror(_func, failed, _exc):
-        try:
-            os.chmod(os.path.dirname(failed), 0o700)
-            if os.path.isdir(failed) and not os.path.islink(failed):
-                shutil.rmtree(failed)
-            else:
-                os.unlink(failed)
-        except OSError:
-            pass
-    # chattr +i files would make this fail; stages are not expected to leave them.
-    shutil.rmtree(path, onerror=onerror)
-    if os.path.lexists(path):
-        subprocess.run(["rm", "-rf", "--one-file-system", "--", path], check=False)
-
-
 class Object:
     """A tree being built, starting from a committed object or from nothing.
 
@@ -71,7 +43,9 @@ class Object:
 
     def __init__(self, store, base_id=None):
         self.store = store
-        self.workdir = tempfile.mkdtemp(dir=store.tmp, prefix="object-")
+        # Locked while this process lives; a later run removes it if we die.
+        self._workdir = WorkDir(store.tmp, "object-")
+        self.workdir = self._workdir.path
         self._tree = os.path.join(self.workdir, "tree")
         self._base = None
         self._writable = False
@@ -120,7 +94,7 @@ class Object:
     def cleanup(self):
         """Remove the work directory (idempotent)."""
         if self.workdir is not None:
-            remove_tree(self.workdir)
+            self._workdir.cleanup()
             self.workdir = None
 
     def __enter__(self):
@@ -148,6 +122,8 @@ class ObjectStore:
             os.rmdir(probe)
         except OSError as e:
             raise StoreError(f"cannot use store {self.path}: {e.strerror}") from None
+        # Work directories of builds that died (SIGKILL, power loss, ...).
+        clean_stale(self.tmp)
 
     def contains(self, object_id):
         """Whether a committed object is registered under `object_id`."""
@@ -189,7 +165,7 @@ class ObjectStore:
             except OSError as e:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
-        self._link(object_id, target)
+        self._link(object_id, target, obj.workdir)
         obj.rebase(object_id)
 
     def snapshot(self, obj, object_id):
@@ -200,9 +176,24 @@ class ObjectStore:
             copy_tree(obj.path, copy.write())
             self.commit(copy, object_id)
 
-    def _link(self, object_id, target):
-        tmp = os.path.join(self.refs, f".{object_id}.{os.getpid()}.tmp")
+    def _link(self, object_id, target, tmpdir):
+        """Point refs/<object_id> at objects/<target>, atomically.
+
+        symlink(2) creates the link complete or not at all. When another
+        process registered the id first, its (equally valid) ref is kept, so
+        a ref never changes under a concurrent reader; only a dangling ref
+        is replaced, via a temporary link in our work directory and rename(2).
+        """
+        ref = os.path.join(self.refs, object_id)
+        link = os.path.join("..", "objects", target)
+        try:
+            os.symlink(link, ref)
+            return
+        except FileExistsError:
+            if self.resolve_ref(object_id) is not None:
+                return
+        tmp = os.path.join(tmpdir or self.tmp, f"ref-{object_id}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        os.symlink(os.path.join("..", "objects", target), tmp)
-        os.rename(tmp, os.path.join(self.refs, object_id))
+        os.symlink(link, tmp)
+        os.rename(tmp, ref)

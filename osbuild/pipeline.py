@@ -3,10 +3,10 @@
 import hashlib
 import json
 import os
-import tempfile
 
 from osbuild.buildroot import BuildRoot, CONTAINER_TREE
-from osbuild.objectstore import Object, remove_tree
+from osbuild.objectstore import Object
+from osbuild.util.workdir import WorkDir
 
 CONTAINER_SOURCES = "/run/osbuild/sources"
 CONTAINER_OUTPUT = "/run/osbuild/output"
@@ -72,7 +72,8 @@ class Stage:
         """Run the stage on the writable host path `tree`; returns its result."""
         from osbuild.sources import SourcesServer  # pylint: disable=import-outside-toplevel
         ctx.announce(self)
-        sources_dir = tempfile.mkdtemp(dir=ctx.store.tmp, prefix="sources-")
+        sources_workdir = WorkDir(ctx.store.tmp, "sources-")
+        sources_dir = sources_workdir.path
         try:
             server = SourcesServer(ctx.libdir, ctx.sources_options, ctx.store.sources,
                                    sources_dir, ctx.secrets)
@@ -83,7 +84,7 @@ class Stage:
                                 ro_binds=[(sources_dir, CONTAINER_SOURCES)],
                                 apis=[server], monitor=ctx.monitor)
         finally:
-            remove_tree(sources_dir)
+            sources_workdir.cleanup()
         return _result(self, res)
 
 

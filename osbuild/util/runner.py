@@ -19,7 +19,12 @@ _SKIP_ETC = {"shadow", "shadow-", "gshadow", "gshadow-", "ssh", "sudoers", "sudo
              "machine-id", "security", "ssl/private", ".osbuild-runner-ready"}
 
 
-def copy_etc(skip=_SKIP_ETC):
+def _ignore(directory, names):
+    rel = os.path.relpath(directory, SOURCE_ETC)
+    return [n for n in names if os.path.normpath(os.path.join(rel, n)) in _SKIP_ETC]
+
+
+def copy_etc(skip=frozenset(_SKIP_ETC)):
     """Copy the build tree's /etc into the container's /etc, minus secrets."""
     if not os.path.isdir(SOURCE_ETC):
         return
@@ -30,9 +35,7 @@ def copy_etc(skip=_SKIP_ETC):
         dst = os.path.join("/etc", entry)
         try:
             if os.path.isdir(src) and not os.path.islink(src):
-                shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True,
-                                ignore=lambda d, names: [n for n in names
-                                                         if os.path.relpath(os.path.join(d, n), SOURCE_ETC) in skip])
+                shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True, ignore=_ignore)
             else:
                 shutil.copy2(src, dst, follow_symlinks=False)
         except OSError as e:

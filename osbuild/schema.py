@@ -1,0 +1,108 @@
+"""The structural check of a manifest against schemas/osbuild1.json.
+
+The schema is looked up in the library directory first (`LIBDIR/schemas/`,
+which is where a checkout and the installed package keep it), then next to
+this package (`osbuild/schemas/`, shipped as package data by setup.py), then
+in the checkout this package was imported from.
+"""
+
+import functools
+import json
+import os
+
+import jsonschema
+
+from osbuild.meta import ValidationError
+
+SCHEMA_NAME = "osbuild1.json"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def schema_paths(libdir=None):
+    """Where the manifest schema is looked for, in order."""
+    paths = []
+    if libdir:
+        paths.append(os.path.join(os.path.abspath(libdir), "schemas", SCHEMA_NAME))
+    paths.append(os.path.join(_PACKAGE_DIR, "schemas", SCHEMA_NAME))
+    paths.append(os.path.join(os.path.dirname(_PACKAGE_DIR), "schemas", SCHEMA_NAME))
+    return paths
+
+
+def find_schema(libdir=None):
+    """The path of the manifest schema, or None if there is none."""
+    for path in schema_paths(libdir):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+        jsonschema.Draft7Validator.check_schema(schema)
+    except (OSError, ValueError) as e:
+        raise ValidationError(f"cannot read the manifest schema {path}: {e}") from None
+    except jsonschema.SchemaError as e:
+        raise ValidationError(f"the manifest schema {path} is invalid: {e.message}") from None
+    return schema
+
+
+def load_schema(libdir=None):
+    """The manifest schema as a dict, or None if it cannot be found."""
+    path = find_schema(libdir)
+    return _load(path) if path else None
+
+
+def format_path(parts, where=""):
+    """`pipeline.stages[3].options` for the path parts of a value."""
+    path = where
+    for part in parts:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "manifest"
+
+
+def _message(error):
+    message = error.message
+    if error.validator == "pattern" and "description" in error.schema:
+        message = f"{error.instance!r} is not valid: {error.schema['description']}"
+    if len(message) > 300:
+        message = message[:300] + "…"
+    return message
+
+
+def _first_error(errors):
+    """The error to report: the one at the earliest place in the document."""
+    def key(error):
+        return [(0, p, "") if isinstance(p, int) else (1, 0, str(p))
+                for p in error.absolute_path]
+    return min(errors, key=key) if errors else None
+
+
+def _check(instance, schema, where):
+    validator = jsonschema.Draft7Validator(schema)
+    error = _first_error(list(validator.iter_errors(instance)))
+    if error is not None:
+        raise ValidationError(f"{format_path(error.absolute_path, where)}: {_message(error)}")
+
+
+def check_manifest(desc, libdir=None):
+    """Raise ValidationError naming the offending place if `desc` is not a manifest.
+
+    Does nothing when no schema can be found (the loader's own checks still run).
+    """
+    schema = load_schema(libdir)
+    if schema is not None:
+        _check(desc, schema, "")
+
+
+def check_pipeline(desc, where, libdir=None):
+    """Check a bare pipeline description (e.g. of --build-env); `where` prefixes errors."""
+    schema = load_schema(libdir)
+    if schema is not None:
+        sub = dict(schema["definitions"]["pipeline"], definitions=schema["definitions"])
+        _check(desc, sub, where)

@@ -1,0 +1,207 @@
+"""The `sources` API: stages ask for content by checksum, the host fetches it.
+
+A stage sends `{"source": NAME, "checksums": [...]}` on the `sources` socket.
+`SourcesServer` (host side) runs the source program `LIBDIR/sources/NAME` on
+the host with `{"options", "checksums", "cache", "output", "secrets"}` as JSON
+on its stdin. The program makes every checksum available as
+`OUTPUT/NAME/<checksum>` and prints one JSON object: `{}` on success or
+`{"error": MESSAGE}`. The server answers the stage with `{}` or
+`{"error": MESSAGE}`; the stage then reads the content from
+`/run/osbuild/sources/NAME/`, where the output directory is mounted
+read-only. `get()` is the one-call client for stages.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+
+from osbuild import api
+from osbuild.util import jsoncomm
+
+SOURCES_DIR = "/run/osbuild/sources"
+API_PATH = os.path.join(api.API_DIR, "sources")
+
+# Source program names: reverse-domain names, never a path.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9][A-Za-z0-9_-]*)+$")
+
+# Supported checksum algorithms and the length of their hex digests.
+HASH_LENGTHS = {"sha256": 64, "sha384": 96, "sha512": 128}
+
+# How much of a misbehaving program's output ends up in an error message.
+MAX_QUOTE = 2000
+
+
+def checksum_error(checksum):
+    """Return why `checksum` is not a valid `ALGO:HEX` string, or None if it is."""
+    if not isinstance(checksum, str):
+        return f"checksum {checksum!r} is not a string"
+    algo, sep, digest = checksum.partition(":")
+    if not sep or not re.fullmatch(r"[a-z0-9]+", algo):
+        return f"malformed checksum {checksum[:200]!r} (expected ALGORITHM:HEXDIGEST)"
+    if algo not in HASH_LENGTHS:
+        return (f"unsupported checksum algorithm {algo!r} in {checksum[:200]!r} "
+                f"(supported: {', '.join(sorted(HASH_LENGTHS))})")
+    if len(digest) != HASH_LENGTHS[algo] or not re.fullmatch(r"[0-9a-f]+", digest):
+        return (f"malformed checksum {checksum[:200]!r} "
+                f"({algo} needs {HASH_LENGTHS[algo]} lowercase hex digits)")
+    return None
+
+
+def _secret_strings(secrets):
+    """All string leaves of the secrets (to scrub them from messages)."""
+    found = []
+    stack = [secrets]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and len(item) >= 4:
+            found.append(item)
+    # longest first, so a secret containing another one is removed whole
+    return sorted(set(found), key=len, reverse=True)
+
+
+def _quote(text):
+    text = text.strip()
+    if len(text) > MAX_QUOTE:
+        text = text[:MAX_QUOTE] + f"... ({len(text) - MAX_QUOTE} more characters)"
+    return text
+
+
+class SourcesServer(api.BaseAPI):
+    """Host side of the `sources` endpoint.
+
+    `libdir` holds `sources/<name>` programs, `options` is the manifest's
+    `sources` object, `cache` the directory of the per-source caches
+    (`STORE/sources`), `output` the per-stage-run directory the container sees
+    read-only at `/run/osbuild/sources`, `secrets` the parsed `--secrets`.
+    """
+
+    endpoint = "sources"
+
+    def __init__(self, libdir, options, cache, output, secrets=None):
+        super().__init__()
+        self.libdir = os.path.abspath(libdir)
+        self.options = options or {}
+        self.cache = os.path.abspath(cache)
+        self.output = os.path.abspath(output)
+        self.secrets = secrets
+        self._scrub = _secret_strings(secrets)
+        # one lock per source name, so runs of the same source never overlap
+        self._locks = ({}, threading.Lock())
+
+    def _lock(self, name):
+        locks, guard = self._locks
+        with guard:
+            return locks.setdefault(name, threading.Lock())
+
+    def scrub(self, text):
+        """Replace every secret value in `text` with `***`."""
+        for secret in self._scrub:
+            text = text.replace(secret, "***")
+        return text
+
+    def _program(self, name):
+        """Path of the source program `name`, or raise ValueError."""
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise ValueError(f"invalid source name {str(name)[:200]!r}")
+        directory = os.path.join(self.libdir, "sources")
+        path = os.path.join(directory, name)
+        if (os.path.islink(path) or not os.path.isfile(path)
+                or os.path.dirname(os.path.realpath(path)) != os.path.realpath(directory)):
+            raise ValueError(f"unknown source {name!r} (no program {path})")
+        return path
+
+    def fetch(self, name, checksums):
+        """Run source `name` for `checksums`; raises ValueError/RuntimeError on failure."""
+        program = self._program(name)
+        if not isinstance(checksums, list):
+            raise ValueError("'checksums' must be a list of strings")
+        for checksum in checksums:
+            err = checksum_error(checksum)
+            if err:
+                raise ValueError(err)
+        cache = os.path.join(self.cache, name)
+        output = os.path.join(self.output, name)
+        os.makedirs(cache, mode=0o700, exist_ok=True)
+        os.makedirs(output, mode=0o755, exist_ok=True)
+        os.chmod(output, 0o755)
+        request = {
+            "options": self.options.get(name) or {},
+            "checksums": checksums,
+            "cache": cache,
+            "output": output,
+            "secrets": self.secrets,
+        }
+        env = dict(os.environ)
+        pkgroot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = pkgroot + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        with self._lock(name):
+            proc = subprocess.run([sys.executable, program], input=json.dumps(request),
+                                  capture_output=True, text=True, env=env, check=False,
+                                  cwd="/")
+        self._check(name, proc)
+
+    def _check(self, name, proc):
+        stderr = _quote(self.scrub(proc.stderr))
+        try:
+            reply = json.loads(proc.stdout)
+        except ValueError:
+            printed = _quote(self.scrub(proc.stdout)) or "nothing"
+            msg = (f"source {name} did not print a JSON reply (exit status {proc.returncode}); "
+                   f"it printed: {printed}")
+            if stderr:
+                msg += f"; stderr: {stderr}"
+            raise RuntimeError(msg) from None
+        if not isinstance(reply, dict):
+            raise RuntimeError(f"source {name} printed {_quote(self.scrub(proc.stdout))} "
+                               "instead of a JSON object")
+        if "error" in reply:
+            raise RuntimeError(f"source {name}: {self.scrub(str(reply['error']))}")
+        if proc.returncode != 0:
+            raise RuntimeError(f"source {name} failed with exit status {proc.returncode}"
+                               + (f": {stderr}" if stderr else ""))
+
+    def _message(self, msg, fds, sock):
+        if not isinstance(msg, dict) or set(msg) != {"source", "checksums"}:
+            sock.send({"error": "invalid sources request: expected "
+                                '{"source": NAME, "checksums": [...]}'})
+            return
+        try:
+            self.fetch(msg["source"], msg["checksums"])
+        except (ValueError, RuntimeError, OSError) as e:
+            sock.send({"error": self.scrub(str(e))})
+            return
+        sock.send({})
+
+
+def get(source, checksums, api_path=API_PATH, sources_dir=SOURCES_DIR):
+    """Ask the host for `checksums` of `source`; return the directory holding them.
+
+    Each checksum is then a file `<directory>/<checksum>`. Raises RuntimeError
+    with the host's message when the content cannot be provided.
+    """
+    with jsoncomm.Socket.new_client(api_path) as sock:
+        reply, fds = sock.call({"source": source, "checksums": list(checksums)})
+        for fd in fds:
+            os.close(fd)
+    if not isinstance(reply, dict):
+        raise RuntimeError(f"sources: unexpected reply {reply!r}")
+    if "error" in reply:
+        raise RuntimeError(f"sources: {reply['error']}")
+    return os.path.join(sources_dir, source)
+
+
+def read_json(source, checksums, **kwargs):
+    """Like `get()`, for sources whose outputs are JSON files: return {checksum: value}."""
+    directory = get(source, checksums, **kwargs)
+    result = {}
+    for checksum in checksums:
+        with open(os.path.join(directory, checksum), encoding="utf-8") as f:
+            result[checksum] = json.load(f)
+    return result
