@@ -9,7 +9,7 @@ import sys
 from osbuild import __version__
 from osbuild.buildroot import stream_monitor
 from osbuild.manifest import host_runner, innermost, load, load_pipeline, validate
-from osbuild.meta import ValidationError
+from osbuild.meta import ProgramInfo, ValidationError
 from osbuild.objectstore import ObjectStore, StoreError
 from osbuild.pipeline import BuildContext, Pipeline
 from osbuild.schema import check_pipeline
@@ -107,6 +107,15 @@ def _rebuild(pipeline):
     return fresh
 
 
+def _same_file(src, dst):
+    """Whether `dst` is an unmodified earlier copy of `src` (size and mtime agree)."""
+    try:
+        a, b = os.lstat(src), os.lstat(dst)
+    except FileNotFoundError:
+        return False
+    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns and a.st_mode == b.st_mode
+
+
 def copy_output(store, output_id, directory):
     """Copy the assembler's output to `directory`; returns the copied paths."""
     src = store.resolve_ref(output_id)
@@ -123,6 +132,9 @@ def copy_output(store, output_id, directory):
             if os.path.isdir(dst) and not os.path.islink(dst):
                 shutil.rmtree(dst)
         else:
+            if _same_file(path, dst):
+                copied.append(dst)
+                continue
             shutil.copy2(path, tmp, follow_symlinks=False)
         os.replace(tmp, dst)
         copied.append(dst)
@@ -191,6 +203,9 @@ def run(args):
     if not os.path.isdir(os.path.join(libdir, "stages")):
         raise UsageError(f"libdir {libdir} has no stages/ directory (use --libdir)")
     validate(pipeline, libdir, "pipeline" if "pipeline" in desc else "")
+    for name, opts in sources.items():
+        ProgramInfo.load(libdir, "sources", name).validate(
+            {} if opts is None else opts, f"sources.{name}")
     if args.inspect:
         json.dump(inspect(pipeline, sources), sys.stdout, indent=2)
         sys.stdout.write("\n")

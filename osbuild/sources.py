@@ -62,6 +62,9 @@ def _secret_strings(secrets):
             stack.extend(item)
         elif isinstance(item, str) and len(item) >= 4:
             found.append(item)
+            # each line of a multi-line secret (a PEM key), should one be quoted alone
+            found.extend(line.strip() for line in item.splitlines()
+                         if len(line.strip()) >= 16 and not line.startswith("-----"))
     # longest first, so a secret containing another one is removed whole
     return sorted(set(found), key=len, reverse=True)
 
