@@ -214,7 +214,7 @@ def run(args):
     known = set(pipeline.all_stage_ids())
     for checkpoint in args.checkpoint:
         if checkpoint not in known:
-            raise UsageError(f"checkpoint {checkpoint} matches no stage of the manifest")
+            raise UsageError(f"checkpoint {checkpoint!r} matches no stage of the manifest")
     store = ObjectStore(args.store)
     ctx = BuildContext(store, libdir, sources, secrets,
                        monitor=None if args.json else stream_monitor,

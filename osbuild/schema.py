@@ -9,13 +9,16 @@ in the checkout this package was imported from.
 import functools
 import json
 import os
+import re
 
 import jsonschema
 
 from osbuild.meta import ValidationError
+from osbuild.util import nesting
 
 SCHEMA_NAME = "osbuild1.json"
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
 
 
 def schema_paths(libdir=None):
@@ -61,6 +64,8 @@ def format_path(parts, where=""):
     for part in parts:
         if isinstance(part, int):
             path += f"[{part}]"
+        elif not _PLAIN_KEY.fullmatch(str(part)):
+            path += f"[{json.dumps(str(part))}]"  # keys with odd characters stay on one line
         else:
             path += f".{part}" if path else str(part)
     return path or "manifest"
@@ -84,6 +89,8 @@ def _first_error(errors):
 
 
 def _check(instance, schema, where):
+    # jsonschema recurses per level: bound the depth first (a clear error, no RecursionError).
+    nesting.check(instance, where or "manifest")
     validator = jsonschema.Draft7Validator(schema)
     error = _first_error(list(validator.iter_errors(instance)))
     if error is not None:
