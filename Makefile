@@ -1,5 +1,6 @@
 # osbuild: man pages, source tarball, RPMs, tests.
 #
+#   make image    build samples/debian12-qcow2.json into output/ and print how to boot it
 #   make man      the man pages, into $(BUILDDIR)/man/ (BUILDDIR defaults to build;
 #                 needs rst2man from python3-docutils)
 #   make tarball  $(RPMBUILD_DIR)/SOURCES/osbuild-VERSION.tar.gz of the checkout: tracked and
@@ -26,12 +27,15 @@ RPMBUILD_FLAGS ?= $(shell rpm -q rpm >/dev/null 2>&1 || echo --nodeps)
 MAN_PAGES := $(BUILDDIR)/man/osbuild.1 $(BUILDDIR)/man/osbuild-manifest.5
 PROGRAMS := $(wildcard stages/org.* assemblers/org.* sources/org.*)
 
-.PHONY: all man tarball spec rpm srpm test lint clean version
+.PHONY: all image man tarball spec rpm srpm test lint clean version
 
 all: man
 
 version:
 	@echo $(VERSION)
+
+image:
+	$(PYTHON3) tools/build-image
 
 man: $(MAN_PAGES)
 

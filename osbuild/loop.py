@@ -162,12 +162,12 @@ class Loop:
         return LoopInfo.unpack(bytes(buf))
 
     def flush(self):
-        """Write the device's cached blocks through to the backing file.
+        """Write the device's cached blocks through to the backing file (BLKFLSBUF).
 
         Without this, detaching can lose blocks still held in the page cache
-        of the block device.
+        of the block device. The backing file itself is not forced to disk:
+        readers of the file see its page cache.
         """
-        os.fsync(self.fileno())
         fcntl.ioctl(self.fileno(), BLKFLSBUF, 0)
 
     def clear_fd(self):

@@ -22,8 +22,15 @@ class ValidationError(Exception):
 def check_name(name, what):
     """Reject program names that are not plain file names (no paths, no `..`)."""
     # fullmatch: with match(), "$" would also accept a trailing newline
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
-        raise ValidationError(f"invalid {what} name: {name!r}")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name \
+            or len(name) > 200:
+        raise ValidationError(f"invalid {what} name: {shorten(name)}")
+
+
+def shorten(value, limit=100):
+    """`repr(value)`, cut to about `limit` characters for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def program_path(libdir, kind, name):

@@ -113,7 +113,7 @@ def _release_entry(entry):
             os.close(node_dir)
 
 
-class LoopClient:
+class LoopClient:  # pylint: disable=too-few-public-methods
     """Container side: asks the host for loop devices over `path`."""
 
     def __init__(self, path=os.path.join(api.API_DIR, "remoteloop")):
@@ -126,24 +126,29 @@ class LoopClient:
         The node is created in `dev_dir`. On leaving the context the host
         flushes and detaches the device and removes the node.
         """
-        dir_fd = os.open(dev_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            with jsoncomm.Socket.new_client(self.path) as sock:
+            sock = jsoncomm.Socket.new_client(self.path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise loop.LoopError(f"no remoteloop API at {self.path} "
+                                 "(assemblers run through osbuild)") from None
+        with sock:
+            dir_fd = os.open(dev_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
                 req = {"method": "attach", "fd": 0, "dir_fd": 1,
                        "offset": offset or 0, "sizelimit": sizelimit or 0}
                 reply, rfds = sock.call(req, [fd, dir_fd])
+            finally:
+                os.close(dir_fd)
+            for extra in rfds:
+                os.close(extra)
+            if "error" in reply:
+                raise loop.LoopError(reply["error"])
+            devname = reply["devname"]
+            try:
+                yield os.path.join(dev_dir, devname)
+            finally:
+                reply, rfds = sock.call({"method": "release", "devname": devname})
                 for extra in rfds:
                     os.close(extra)
                 if "error" in reply:
                     raise loop.LoopError(reply["error"])
-                devname = reply["devname"]
-                try:
-                    yield os.path.join(dev_dir, devname)
-                finally:
-                    reply, rfds = sock.call({"method": "release", "devname": devname})
-                    for extra in rfds:
-                        os.close(extra)
-                    if "error" in reply:
-                        raise loop.LoopError(reply["error"])
-        finally:
-            os.close(dir_fd)

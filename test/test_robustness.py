@@ -1,0 +1,325 @@
+"""Crash safety: builds killed at any moment, stages and containers killed.
+
+After a SIGKILL of osbuild, of a stage or of the container: nothing under
+objects/ or refs/ is incomplete (every object hashes to its name, every ref
+points at an object), no process, mount or loop device of the build is
+left, the next run removes the dead build's work directories under
+STORE/tmp and rebuilds the same tree. Also: file descriptors do not grow
+over 100 builds in one process.
+"""
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from osbuild import __main__ as cli
+from osbuild.manifest import load
+from osbuild.treesum import treesum
+
+from hygiene import check_store, leftovers, loops_backed_under, open_fds, processes_mentioning
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+
+
+def osbuild_cmd(store, manifest_path, *extra):
+    """The command line of osbuild from this checkout."""
+    return [sys.executable, "-m", "osbuild", "--libdir", REPO, "--store", str(store), "--json",
+            *extra, str(manifest_path)]
+
+
+def write_manifest(path, desc):
+    """Write `desc` as JSON to `path`; returns the path."""
+    path.write_text(json.dumps(desc))
+    return path
+
+
+def crash_manifest(token, sleep=1.0):
+    """Four stages with real content, so that kills hit stages, copies and commits."""
+    fill = (f": {token}; mkdir -p data; i=0; while [ $i -lt 300 ]; do echo $i > data/f$i; "
+            f"i=$((i+1)); done; ln -s /etc/passwd data/host-passwd; touch started; sleep {sleep}")
+    return {"pipeline": {"stages": [
+        {"name": "org.osbuild.noop", "options": {"token": token}},
+        {"name": "org.osbuild.script", "options": {"script": fill}},
+        {"name": "org.osbuild.noop", "options": {"after": 1}},
+        {"name": "org.osbuild.script", "options": {"script": f": {token}; echo hi > greeting"}},
+    ]}}
+
+
+def stage_ids(desc):
+    """The stage ids of a manifest's pipeline."""
+    return [s.id for s in load(desc, REPO).pipeline.stages]
+
+
+def build(store, manifest_path, *extra, timeout=600):
+    """Run osbuild to the end; returns (exit status, parsed JSON result or None, stderr)."""
+    proc = subprocess.run(osbuild_cmd(store, manifest_path, *extra), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    try:
+        result = json.loads(proc.stdout)
+    except ValueError:
+        result = None
+    return proc.returncode, result, proc.stderr
+
+
+def tmp_entries(store):
+    """What is in STORE/tmp."""
+    path = os.path.join(store, "tmp")
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def _has_marker(store):
+    tmp = os.path.join(store, "tmp")
+    return any(os.path.exists(os.path.join(tmp, d, "tree", "started"))
+               for d in tmp_entries(store))
+
+
+def _ref_count(store):
+    refs = os.path.join(store, "refs")
+    return len(os.listdir(refs)) if os.path.isdir(refs) else 0
+
+
+# When to kill osbuild: a delay after start, or as soon as the store shows an event.
+MOMENTS = {
+    "at-start": lambda store, t: t > 0.05,
+    "store-created": lambda store, t: os.path.isdir(os.path.join(store, "tmp")),
+    "first-workdir": lambda store, t: any(e.startswith("object-") for e in tmp_entries(store)),
+    "stage-running": lambda store, t: _has_marker(store),
+    "first-commit": lambda store, t: _ref_count(store) >= 1,
+    "second-commit": lambda store, t: _ref_count(store) >= 2,
+    "after-0.7s": lambda store, t: t > 0.7,
+    "after-1.1s": lambda store, t: t > 1.1,
+    "after-1.5s": lambda store, t: t > 1.5,
+}
+
+
+@pytest.fixture(name="reference", scope="module")
+def reference_fixture(tmp_path_factory):
+    """The crash manifest built once without interruption: (token, tree treesum)."""
+    token = f"crash-{uuid.uuid4().hex}"
+    base = tmp_path_factory.mktemp("reference")
+    path = write_manifest(base / "manifest.json", crash_manifest(token, sleep=0))
+    status, result, stderr = build(base / "store", path)
+    assert status == 0, stderr
+    tree = os.path.join(base, "store", "refs", result["tree_id"])
+    return token, treesum(tree)
+
+
+@pytest.mark.parametrize("moment", sorted(MOMENTS))
+def test_sigkill_osbuild(tmp_path, reference, moment):
+    """SIGKILL of osbuild at a moment: store stays complete, next run cleans and rebuilds."""
+    token, expected = reference
+    store = tmp_path / "store"
+    path = write_manifest(tmp_path / "manifest.json", crash_manifest(token, sleep=0))
+    ids = stage_ids(crash_manifest(token, sleep=0))
+    # checkpoints make the build commit three times, so kills can land near commits
+    argv = osbuild_cmd(store, path, "--checkpoint", ids[0], "--checkpoint", ids[1])
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = time.monotonic()
+    try:
+        while proc.poll() is None and not MOMENTS[moment](str(store), time.monotonic() - start):
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # the container dies with osbuild; nothing else is left either
+    assert leftovers(tmp_path, markers=[token]) == {}
+    check_store(store)
+    # the next run removes the dead build's work directories and rebuilds the same tree
+    status, result, stderr = build(store, path)
+    assert status == 0, stderr
+    assert tmp_entries(store) == []
+    objects, refs = check_store(store)
+    assert result["tree_id"] in refs
+    assert treesum(os.path.join(store, "refs", result["tree_id"])) == expected
+    assert len(objects) <= 3
+    assert leftovers(tmp_path, markers=[token]) == {}
+
+
+def test_next_run_removes_stale_workdirs(tmp_path, reference):
+    """A build killed while a stage runs leaves work dirs; any next osbuild run removes them."""
+    token, _ = reference
+    store = tmp_path / "store"
+    path = write_manifest(tmp_path / "manifest.json", crash_manifest(token, sleep=30))
+    proc = subprocess.Popen(osbuild_cmd(store, path), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not _has_marker(str(store)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _has_marker(str(store)), "the stage never started"
+    finally:
+        proc.kill()
+        proc.wait()
+    stale = tmp_entries(store)
+    assert any(e.startswith("object-") for e in stale) and \
+        any(e.startswith("buildroot-") for e in stale), stale
+    assert leftovers(tmp_path, markers=[token]) == {}
+    # an unrelated, cached build on the same store is enough to clean up
+    other = write_manifest(tmp_path / "other.json", {"pipeline": {}})
+    status, _, stderr = build(store, other)
+    assert status == 0, stderr
+    assert tmp_entries(store) == []
+    check_store(store)
+
+
+def test_sigkill_stage(tmp_path):
+    """A stage killed by SIGKILL fails the build cleanly; a fixed manifest then builds."""
+    token = f"stage-{uuid.uuid4().hex}"
+    store = tmp_path / "store"
+    stages = [{"name": "org.osbuild.script", "options": {"script": f": {token}; echo one > one"}},
+              {"name": "org.osbuild.script",
+               "options": {"script": f": {token}; echo two > two; kill -KILL $$"}}]
+    path = write_manifest(tmp_path / "manifest.json", {"pipeline": {"stages": stages}})
+    status, result, _ = build(store, path)
+    assert status == 1
+    assert result["success"] is False
+    assert [s["success"] for s in result["stages"]] == [True, False]
+    objects, refs = check_store(store)
+    assert refs == [] and objects == []
+    assert tmp_entries(store) == []
+    assert leftovers(tmp_path, markers=[token]) == {}
+    stages[1]["options"]["script"] = f": {token}; echo two > two"
+    write_manifest(path, {"pipeline": {"stages": stages}})
+    status, result, stderr = build(store, path)
+    assert status == 0, stderr
+    with open(os.path.join(store, "refs", result["tree_id"], "two"), encoding="utf-8") as f:
+        assert f.read() == "two\n"
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="utf-8") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _descendants(pid):
+    todo, found = [pid], []
+    while todo:
+        for child in _children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("victim", ["systemd-nspawn", "container-init", "stage"])
+def test_sigkill_container(tmp_path, victim):
+    """SIGKILL of nspawn, of the container's init or of the stage: the build fails at once,
+    every process of the container is gone, the store stays complete and tmp/ empty."""
+    token = f"container-{uuid.uuid4().hex}"
+    store = tmp_path / "store"
+    script = f": {token}; touch started; sleep 60"
+    path = write_manifest(tmp_path / "manifest.json", {"pipeline": {"stages": [
+        {"name": "org.osbuild.script", "options": {"script": script}}]}})
+    proc = subprocess.Popen(osbuild_cmd(store, path), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _has_marker(str(store)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _has_marker(str(store)), "the stage never started"
+        tree = _descendants(proc.pid)
+        if victim == "systemd-nspawn":
+            targets = [p for p in tree if _comm(p) == "systemd-nspawn"]
+        elif victim == "container-init":
+            targets = [p for p in tree if _comm(p) == "(sd-stubinit)"]
+        else:
+            targets = [p for p, argv in processes_mentioning(token) if "/bin/sh" in argv]
+        assert len(targets) == 1, [(p, _comm(p)) for p in tree]
+        killed = time.monotonic()
+        os.kill(targets[0], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert time.monotonic() - killed < 20, "osbuild waited for the dead container"
+    assert proc.returncode == 1, stderr
+    result = json.loads(stdout)
+    assert result["success"] is False and result["stages"][-1]["success"] is False
+    assert leftovers(tmp_path, markers=[token]) == {}
+    assert check_store(store) == ([], [])
+    assert tmp_entries(store) == []
+
+
+QEMU_OPTIONS = {"format": "raw", "filename": "disk.img", "size": 64 * 1024 * 1024,
+                "bootloader": {"type": "none"},
+                "partitions": [{"start": 2048, "filesystem": {
+                    "type": "ext4", "uuid": "6e4ff95f-f662-45ee-a82a-bdf44a2d0b75",
+                    "mountpoint": "/"}}]}
+
+
+def test_sigkill_while_loop_device_attached(tmp_path):
+    """osbuild killed while the assembler holds a loop device: the device is detached."""
+    if not os.path.exists(os.path.join(REPO, "assemblers", "org.osbuild.qemu")):
+        pytest.skip("no qemu assembler")
+    token = f"loop-{uuid.uuid4().hex}"
+    store = tmp_path / "store"
+    fill = f": {token}; i=0; while [ $i -lt 2000 ]; do echo $i > f$i; i=$((i+1)); done"
+    path = write_manifest(tmp_path / "manifest.json", {"pipeline": {
+        "stages": [{"name": "org.osbuild.script", "options": {"script": fill}}],
+        "assembler": {"name": "org.osbuild.qemu", "options": QEMU_OPTIONS}}})
+    proc = subprocess.Popen(osbuild_cmd(store, path), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    seen = False
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if loops_backed_under(tmp_path):
+                seen = True
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    if not seen:
+        pytest.skip("the assembler finished before a loop device could be seen")
+    assert leftovers(tmp_path, markers=[token], timeout=20) == {}
+    check_store(store)
+    status, _, stderr = build(store, path)
+    assert status == 0, stderr
+    assert tmp_entries(store) == []
+    assert leftovers(tmp_path, markers=[token]) == {}
+
+
+def test_fds_do_not_grow_over_100_builds(tmp_path):
+    """100 consecutive builds in one process (each runs a container) leak no descriptor."""
+    store = tmp_path / "store"
+    path = tmp_path / "manifest.json"
+    counts = []
+    for i in range(100):
+        write_manifest(path, {"pipeline": {"stages": [
+            {"name": "org.osbuild.noop", "options": {"build": i}}]}})
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = cli.main(["--libdir", REPO, "--store", str(store), "--json", str(path)])
+        assert status == 0, err.getvalue()
+        result = json.loads(out.getvalue())
+        assert len(result["stages"]) == 1  # it really ran
+        counts.append(open_fds())
+    # the first builds may open things for good (e.g. caches); after that: flat
+    assert counts[-1] <= counts[4], counts
+    assert tmp_entries(store) == []
+    assert leftovers(tmp_path) == {}
