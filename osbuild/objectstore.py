@@ -14,8 +14,10 @@ under a temporary name and renamed over their final name.
 
 import contextlib
 import errno
+import json
 import os
 import re
+import stat
 import tempfile
 
 from osbuild.treesum import treesum
@@ -34,6 +36,26 @@ def _check_id(object_id):
         raise StoreError(f"invalid object id: {object_id!r}")
 
 
+def _carry_over(index, tree):
+    """Digest records for the fresh copy `tree` of a tree whose records are `index`.
+
+    A copy keeps sizes and modification times, so a file that matches its
+    original in both is the same content under a new inode and ctime.
+    """
+    if not index:
+        return None
+    known = {}
+    for path, record in index.items():
+        try:
+            st = os.lstat(tree + path)
+        except (OSError, TypeError):
+            continue
+        if stat.S_ISREG(st.st_mode) and isinstance(record, list) and len(record) == 5 \
+                and record[2:4] == [st.st_size, st.st_mtime_ns]:
+            known[path] = [st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, record[4]]
+    return known
+
+
 class Object:
     """A tree being built, starting from a committed object or from nothing.
 
@@ -49,6 +71,8 @@ class Object:
         self._tree = os.path.join(self.workdir, "tree")
         self._base = None
         self._writable = False
+        # Content digests of files of the writable tree (see treesum.treesum).
+        self.known = None
         self._set_base(base_id)
 
     def _set_base(self, base_id):
@@ -56,6 +80,7 @@ class Object:
             raise StoreError(f"base object {base_id} is not in the store")
         self._base = base_id
         self._writable = False
+        self.known = None
 
     @property
     def base(self):
@@ -79,7 +104,9 @@ class Object:
             if self._base is not None:
                 if os.path.lexists(self._tree):
                     remove_tree(self._tree)
-                copy_tree(self.store.resolve_ref(self._base), self._tree)
+                base = self.store.resolve_ref(self._base)
+                copy_tree(base, self._tree)
+                self.known = _carry_over(self.store.read_index(base), self._tree)
             elif not os.path.isdir(self._tree):
                 os.mkdir(self._tree, 0o755)
             self._writable = True
@@ -113,10 +140,13 @@ class ObjectStore:
         self.refs = os.path.join(self.path, "refs")
         self.tmp = os.path.join(self.path, "tmp")
         self.sources = os.path.join(self.path, "sources")
+        # Content digests of committed trees' files: a cache that lets a copy
+        # of a tree be hashed without reading the files it did not change.
+        self.index = os.path.join(self.path, "index")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise StoreError(f"store path {self.path} exists and is not a directory")
         try:
-            for d in (self.path, self.objects, self.refs, self.tmp, self.sources):
+            for d in (self.path, self.objects, self.refs, self.tmp, self.sources, self.index):
                 os.makedirs(d, exist_ok=True)
             probe = tempfile.mkdtemp(dir=self.tmp, prefix="probe-")
             os.rmdir(probe)
@@ -159,14 +189,37 @@ class ObjectStore:
             target = os.path.basename(self.resolve_ref(obj.base))
         else:
             tree = obj.path
-            target = treesum(tree)
+            seen = {}
+            target = treesum(tree, known=obj.known, seen=seen)
             try:
                 os.rename(tree, os.path.join(self.objects, target))
             except OSError as e:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
+            else:
+                self._write_index(target, seen)
         self._link(object_id, target, obj.workdir)
         obj.rebase(object_id)
+
+    def read_index(self, tree_path):
+        """The file digest records saved for a committed tree, or None."""
+        path = os.path.join(self.index, os.path.basename(tree_path))
+        try:
+            with open(path, encoding="utf-8") as f:
+                index = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return index if isinstance(index, dict) else None
+
+    def _write_index(self, target, seen):
+        """Save the digest records of a freshly committed tree (best effort)."""
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=self.index, prefix=".tmp-",
+                                             delete=False, encoding="utf-8") as f:
+                json.dump(seen, f)
+            os.rename(f.name, os.path.join(self.index, target))
+        except OSError:
+            pass
 
     def snapshot(self, obj, object_id):
         """Commit a copy of `obj`'s current tree under `object_id`."""

@@ -38,8 +38,12 @@ def mounts_under(*roots):
     return found
 
 
-def loops_backed_under(*roots):
-    """Loop devices whose backing file is at or below any of `roots`."""
+def loops_backed_under(*roots, markers=()):
+    """Loop devices whose backing file is at or below any of `roots` or mentions a marker.
+
+    A device attached for a container shows the container's path of the file
+    (e.g. /run/osbuild/output/...), hence the markers (unique file names).
+    """
     roots = [os.path.realpath(r) for r in roots]
     found = []
     for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
@@ -48,7 +52,7 @@ def loops_backed_under(*roots):
                 path = f.read().strip()
         except OSError:
             continue
-        if _under(path.removesuffix(" (deleted)"), roots):
+        if _under(path.removesuffix(" (deleted)"), roots) or any(m in path for m in markers):
             found.append(f"{backing.split('/')[3]} -> {path}")
     return found
 
@@ -92,7 +96,7 @@ def leftovers(directory, markers=(), timeout=10):
     mounts = mounts_under(directory, RUNTIME_DIR)
     if mounts:
         problems["mounts"] = mounts
-    loops = loops_backed_under(directory)
+    loops = loops_backed_under(directory, markers=markers)
     if loops:
         problems["loop devices"] = loops
     return problems

@@ -47,6 +47,7 @@ while [ ! -e "$port" ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done
   echo "cmdline=$(cat /proc/cmdline)"
   echo "failed=$(systemctl --failed --no-legend --plain | awk '{{print $1}}' | grep -v osbuild-report | tr '\\n' ' ')"
   echo "dpkg-audit=$(dpkg --audit | wc -l)"
+  echo "apt-sources=$(grep -c '^URIs:' /etc/apt/sources.list.d/osbuild.sources)"
   echo "OSBUILD-REPORT-END"
 }} > "$port"
 systemctl poweroff --no-block
@@ -143,5 +144,6 @@ def test_debian12_boots(tmp_path):
     assert "root=UUID=6a1b0c3e-2f4d-4e5a-9b8c-0d1e2f3a4b5c" in info["cmdline"]
     assert info["failed"].strip() == "", f"failed units: {info['failed']}"
     assert info["dpkg-audit"] == "0"
+    assert int(info["apt-sources"]) >= 1
     assert code == 0
     assert "reboot: Power down" in console, console[-2000:]

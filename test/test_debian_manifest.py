@@ -103,12 +103,20 @@ def test_build_manifest_validates_against_stage_schemas():
              "sha256": "a" * 64, "essential": True}]
     args = make_args("--hostname", "box", "--root-fs-uuid", "11111111-2222-3333-4444-555555555555",
                      "--size", "3G", "--filename", "img.qcow2")
-    manifest = tool.build_manifest(pkgs, args)
+    stanzas = [{"uris": "http://m/debian", "suites": "bookworm bookworm-updates",
+                "components": "main", "signed-by": "/usr/share/keyrings/k.gpg"},
+               {"uris": "http://m/security", "suites": "bookworm-security",
+                "components": "main", "signed-by": "\n -----BEGIN PGP PUBLIC KEY BLOCK-----"}]
+    manifest = tool.build_manifest(pkgs, args, stanzas)
     stages = manifest["pipeline"]["stages"]
     assert [s["name"] for s in stages] == [
         "org.osbuild.dpkg", "org.osbuild.hostname", "org.osbuild.locale", "org.osbuild.timezone",
         "org.osbuild.users", "org.osbuild.fstab", "org.osbuild.systemd", "org.osbuild.grub2"]
     assert stages[0]["options"]["packages"] == ["sha256:" + "b" * 64, "sha256:" + "a" * 64]
+    assert stages[0]["options"]["apt_sources"] == [
+        {"uris": ["http://m/debian"], "suites": ["bookworm", "bookworm-updates"],
+         "components": ["main"], "signed_by": "/usr/share/keyrings/k.gpg"},
+        {"uris": ["http://m/security"], "suites": ["bookworm-security"], "components": ["main"]}]
     urls = manifest["sources"]["org.osbuild.files"]["urls"]
     assert urls["sha256:" + "a" * 64] == "http://x/a.deb"
     assert "console=ttyS0,115200n8" in stages[-1]["options"]["kernel_opts"]
@@ -201,3 +209,27 @@ def test_tool_resolves_reproducibly(tmp_path, apt_lists):
     assert names == sorted(names)
     assert "systemd" in names and "usr-is-merged" in names and "usrmerge" not in names
     assert "perl" not in names  # usrmerge's dependency: not pulled in
+
+
+@pytest.mark.skipif(not has_apt_pkg(), reason="needs /usr/bin/python3 with python3-apt")
+def test_tool_matches_apt_get(tmp_path, apt_lists):
+    """The tool's closure equals apt-get's own for the sample's package list."""
+    out = tmp_path / "m.json"
+    proc = subprocess.run([SYSTEM_PYTHON, TOOL, "-o", str(out), "--apt-lists", apt_lists],
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ours = json.loads(out.read_text())["sources"]["org.osbuild.files"]["urls"]
+    root = tmp_path / "aptroot"
+    aptroot = tool.AptRoot(str(root), "amd64", tool.select_sources("bookworm"), apt_lists)
+    aptroot.update()
+    env = dict(os.environ, APT_CONFIG=str(root / "apt.conf"))
+    apt = subprocess.run(["apt-get", "install", "--print-uris", "-qq", "-y",
+                          "-o", "Acquire::ForceHash=SHA256", "?essential", "?priority(required)"]
+                         + tool.DEFAULT_PACKAGES, env=env, capture_output=True, text=True,
+                         check=True, timeout=300)
+    theirs = {}
+    for line in apt.stdout.splitlines():
+        url, _, _, digest = line.split()
+        theirs[digest.lower()] = url.strip("'")
+    assert ours == theirs
+    assert len(ours) > 80

@@ -271,3 +271,16 @@ def test_missing_dependency_through_osbuild(tmp_path):
     assert "dependency not in the package set" in last["output"]
     assert "depends on libc6" in last["output"]
     assert "Traceback" not in last["output"]
+
+
+def test_write_apt_sources(tmp_path):
+    dpkg.write_apt_sources(str(tmp_path), [
+        {"uris": ["http://deb.debian.org/debian"], "suites": ["bookworm", "bookworm-updates"],
+         "components": ["main", "contrib"], "signed_by": "/usr/share/keyrings/k.gpg"},
+        {"uris": ["http://x/sec"], "suites": ["bookworm-security"], "components": ["main"]}])
+    text = (tmp_path / "etc/apt/sources.list.d/osbuild.sources").read_text()
+    stanzas = [s for s in text.split("\n\n") if s.strip()]
+    assert len(stanzas) == 2
+    assert "URIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n" \
+           "Components: main contrib\nSigned-By: /usr/share/keyrings/k.gpg" in stanzas[0]
+    assert "Signed-By" not in stanzas[1]

@@ -263,7 +263,7 @@ def test_sigkill_container(tmp_path, victim):
     assert tmp_entries(store) == []
 
 
-QEMU_OPTIONS = {"format": "raw", "filename": "disk.img", "size": 64 * 1024 * 1024,
+QEMU_OPTIONS = {"format": "raw", "size": 64 * 1024 * 1024,
                 "bootloader": {"type": "none"},
                 "partitions": [{"start": 2048, "filesystem": {
                     "type": "ext4", "uuid": "6e4ff95f-f662-45ee-a82a-bdf44a2d0b75",
@@ -279,14 +279,15 @@ def test_sigkill_while_loop_device_attached(tmp_path):
     fill = f": {token}; i=0; while [ $i -lt 2000 ]; do echo $i > f$i; i=$((i+1)); done"
     path = write_manifest(tmp_path / "manifest.json", {"pipeline": {
         "stages": [{"name": "org.osbuild.script", "options": {"script": fill}}],
-        "assembler": {"name": "org.osbuild.qemu", "options": QEMU_OPTIONS}}})
+        "assembler": {"name": "org.osbuild.qemu",
+                      "options": dict(QEMU_OPTIONS, filename=f"{token}.img")}}})
     proc = subprocess.Popen(osbuild_cmd(store, path), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     seen = False
     try:
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
-            if loops_backed_under(tmp_path):
+            if loops_backed_under(tmp_path, markers=[token]):
                 seen = True
                 break
             time.sleep(0.005)
@@ -305,19 +306,20 @@ def test_sigkill_while_loop_device_attached(tmp_path):
 
 
 def test_fds_do_not_grow_over_100_builds(tmp_path):
-    """100 consecutive builds in one process (each runs a container) leak no descriptor."""
+    """100 consecutive builds in one process (25 run a container) leak no descriptor."""
     store = tmp_path / "store"
     path = tmp_path / "manifest.json"
     counts = []
     for i in range(100):
+        # every 4th build runs a container, the others are satisfied from the store
         write_manifest(path, {"pipeline": {"stages": [
-            {"name": "org.osbuild.noop", "options": {"build": i}}]}})
+            {"name": "org.osbuild.noop", "options": {"build": i // 4}}]}})
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             status = cli.main(["--libdir", REPO, "--store", str(store), "--json", str(path)])
         assert status == 0, err.getvalue()
         result = json.loads(out.getvalue())
-        assert len(result["stages"]) == 1  # it really ran
+        assert len(result["stages"]) == (1 if i % 4 == 0 else 0)
         counts.append(open_fds())
     # the first builds may open things for good (e.g. caches); after that: flat
     assert counts[-1] <= counts[4], counts
