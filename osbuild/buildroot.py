@@ -79,6 +79,10 @@ class BuildRoot(contextlib.AbstractContextManager):
         # systemd-nspawn wants an os-release file to accept the directory.
         os.makedirs(os.path.join(self.machine_root, "etc"), exist_ok=True)
         os.makedirs(os.path.join(self.machine_root, "usr"), exist_ok=True)
+        # The root is mounted read-only (--read-only): nspawn cannot create
+        # its mount points there, so they must exist beforehand.
+        for name in ("dev", "proc", "sys", "run", "tmp", "var"):
+            os.makedirs(os.path.join(self.machine_root, name), exist_ok=True)
 
     def __exit__(self, *exc):
         self.cleanup()
@@ -93,7 +97,7 @@ class BuildRoot(contextlib.AbstractContextManager):
         argv = [
             "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2",
             "--link-journal=no", "--console=pipe", "--private-users=no",
-            "--timezone=off", "--resolv-conf=off",
+            "--timezone=off", "--resolv-conf=off", "--read-only",
             "--capability=CAP_MAC_ADMIN,CAP_SYS_RAWIO",
             f"--machine=osbuild-{uuid.uuid4().hex[:16]}",
             f"--directory={self.machine_root}",

@@ -32,7 +32,7 @@ class StoreError(Exception):
 
 
 def _check_id(object_id):
-    if not isinstance(object_id, str) or not _ID_RE.match(object_id):
+    if not isinstance(object_id, str) or not _ID_RE.fullmatch(object_id):
         raise StoreError(f"invalid object id: {object_id!r}")
 
 

@@ -11,6 +11,8 @@ import os
 import re
 import time
 
+import pytest
+
 from osbuild.treesum import treesum
 
 RUNTIME_DIR = "/run/osbuild"
@@ -132,3 +134,12 @@ def check_store(store):
         assert target.startswith("../objects/"), f"refs/{name} -> {target}"
         assert os.path.basename(target) in objects, f"refs/{name} -> {target} dangles"
     return objects, refs
+
+
+@pytest.fixture(name="no_leftovers", autouse=True)
+def no_leftovers_fixture(tmp_path):
+    """Autouse in every module that imports it: after each test, no process, mount
+    or loop device of the test's builds (under its tmp_path) is left."""
+    yield
+    problems = leftovers(tmp_path)
+    assert problems == {}, f"the test left {problems}"

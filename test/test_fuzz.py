@@ -50,7 +50,8 @@ json_values = st.recursive(
     scalars,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=4),
     max_leaves=20)
-names = st.one_of(st.sampled_from(CHEAP_STAGES + CHEAP_ASSEMBLERS + BAD_NAMES), st.text(max_size=12))
+names = st.one_of(st.sampled_from(CHEAP_STAGES + CHEAP_ASSEMBLERS + BAD_NAMES),
+                  st.text(max_size=12))
 
 
 @st.composite
@@ -110,7 +111,8 @@ def manifest_desc(draw):
     if draw(st.booleans()):
         desc["sources"] = draw(st.one_of(
             st.just({}),
-            st.just({"org.osbuild.files": {"urls": {"sha256:" + "a" * 64: "http://127.0.0.1:9/x"}}}),
+            st.just({"org.osbuild.files": {"urls": {"sha256:" + "a" * 64:
+                                                        "http://127.0.0.1:9/x"}}}),
             st.dictionaries(keys, json_values, max_size=2)))
     return desc
 

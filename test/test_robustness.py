@@ -24,7 +24,8 @@ from osbuild import __main__ as cli
 from osbuild.manifest import load
 from osbuild.treesum import treesum
 
-from hygiene import check_store, leftovers, loops_backed_under, open_fds, processes_mentioning
+from hygiene import (check_store, leftovers, loops_backed_under,  # pylint: disable=unused-import
+                     no_leftovers_fixture, open_fds, processes_mentioning)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -37,7 +37,10 @@ class WorkDir:
             raise ValueError(f"work directory prefix {prefix!r} is not one of {PREFIXES}")
         while True:
             path = tempfile.mkdtemp(dir=parent, prefix=prefix)
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # a cleaner was quicker than us: make another
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 st = os.fstat(fd)

@@ -1,0 +1,225 @@
+"""The sandbox a stage runs in, and the host's care with what stages leave.
+
+A stage writes only to its tree and its own /etc, /var, /tmp (and the
+container's private /run): the host's /usr, the libdir, the osbuild package,
+the sources directory, the build root's /etc source and the container root
+are read-only; the store, other objects, the sources cache and the rest of
+the host are not visible at all; /dev holds no host block devices. Names
+and ids are never used as paths unchecked, and symlinks a stage leaves in a
+tree are never followed by the host (treesum, commit, copy, removal,
+assembler output).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import uuid
+
+import pytest
+
+from osbuild.manifest import load
+from osbuild.meta import ValidationError, check_name
+from osbuild.objectstore import ObjectStore, StoreError, copy_tree, remove_tree
+from osbuild.sources import checksum_error
+from osbuild.treesum import treesum
+
+from hygiene import check_store, leftovers, no_leftovers_fixture  # pylint: disable=unused-import
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+
+def run_osbuild(store, desc, *extra, manifest=None):
+    """Run osbuild --json on `desc`; returns (status, result, stdout, stderr)."""
+    manifest = manifest or os.path.join(os.path.dirname(str(store)), "manifest.json")
+    with open(manifest, "w", encoding="utf-8") as f:
+        json.dump(desc, f)
+    proc = subprocess.run([sys.executable, "-m", "osbuild", "--libdir", REPO, "--store",
+                           str(store), "--json", *extra, manifest], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, check=False)
+    try:
+        result = json.loads(proc.stdout)
+    except ValueError:
+        result = None
+    return proc.returncode, result, proc.stdout, proc.stderr
+
+
+def script(text):
+    """An org.osbuild.script stage."""
+    return {"name": "org.osbuild.script", "options": {"script": text}}
+
+
+# Paths a stage must not be able to write (container view), and those it may.
+READ_ONLY = ["/usr", "/usr/bin", "/bin", "/run/osbuild/lib", "/run/osbuild/lib/stages",
+             "/run/osbuild/python/osbuild", "/run/osbuild/sources",
+             "/run/osbuild/buildroot-etc", "/"]
+WRITABLE = ["/run/osbuild/tree", "/var", "/tmp", "/etc"]
+
+
+@pytest.mark.integration
+def test_write_boundaries(tmp_path):
+    """Writes to the host's /usr, the libdir, the package, sources, / fail; the tree works."""
+    token = f"sandbox{uuid.uuid4().hex}"
+    probes = " ".join(READ_ONLY + WRITABLE)
+    text = (f"set +e; for d in {probes}; do "
+            f"if echo x > $d/{token} 2>/dev/null; then echo \"WRITABLE $d\"; "
+            f"rm -f $d/{token}; else echo \"READONLY $d\"; fi; "
+            f"if mkdir $d/{token}.d 2>/dev/null; then echo \"MKDIR $d\"; fi; done")
+    store = tmp_path / "store"
+    status, result, _, stderr = run_osbuild(store, {"pipeline": {"stages": [script(text)]}})
+    assert status == 0, stderr
+    output = result["stages"][0]["output"]
+    for path in READ_ONLY:
+        assert f"READONLY {path}\n" in output, output
+        assert f"MKDIR {path}\n" not in output, output
+    for path in WRITABLE:
+        assert f"WRITABLE {path}\n" in output, output
+    # and nothing reached the host
+    for host in ("/usr", "/usr/bin", REPO, os.path.join(REPO, "stages"),
+                 os.path.join(REPO, "osbuild"), "/etc", "/"):
+        assert not os.path.exists(os.path.join(host, token))
+        assert not os.path.exists(os.path.join(host, token + ".d"))
+
+
+@pytest.mark.integration
+def test_host_and_store_invisible(tmp_path):
+    """The store, other objects, the sources cache and host directories are not visible."""
+    store = tmp_path / "store"
+    secret = f"other-object-{uuid.uuid4().hex}"
+    # an object of another pipeline, and something in the sources cache
+    status, _, _, stderr = run_osbuild(store, {"pipeline": {"stages": [
+        script(f"echo {secret} > {secret}")]}})
+    assert status == 0, stderr
+    os.makedirs(store / "sources" / "org.osbuild.files", exist_ok=True)
+    (store / "sources" / "org.osbuild.files" / secret).write_text(secret)
+    sentinel = tmp_path / "host-dir"
+    sentinel.mkdir()
+    paths = [str(store), str(store / "objects"), str(store / "sources"), str(tmp_path), REPO,
+             "/work", str(sentinel)]
+    commands = [f"if [ -e {p} ]; then echo \"VISIBLE {p}\"; fi" for p in paths]
+    # nspawn may create empty mount points; the host's contents must not show
+    commands += [f"if [ -n \"$(ls -A {p} 2>/dev/null)\" ]; then echo \"VISIBLE {p}\"; fi"
+                 for p in ("/root", "/home", "/srv", "/mnt", "/opt")]
+    checks = "; ".join(commands)
+    text = (f"set +e; {checks}; "
+            f"find / -path /proc -prune -o -path /sys -prune -o -name '{secret}*' -print "
+            "| sed 's/^/FOUND /'; "
+            "find /dev -type b | sed 's/^/BLOCKDEV /'; echo done")
+    status, result, _, stderr = run_osbuild(store, {"pipeline": {"stages": [script(text)]}})
+    assert status == 0, stderr
+    output = result["stages"][0]["output"]
+    assert "done\n" in output
+    assert "VISIBLE" not in output, output
+    assert "FOUND" not in output, output
+    assert "BLOCKDEV" not in output, output
+
+
+@pytest.mark.integration
+def test_symlinks_never_followed_by_host(tmp_path):
+    """Symlinks out of the tree survive commit, copy-on-write, snapshot, treesum and the
+    tar assembler as symlinks; the host files they point at are never read or changed."""
+    store = tmp_path / "store"
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    (sentinel / "keep").write_text("precious")
+    stage1 = script(f"mkdir -p etc; ln -s /etc/shadow etc/abs; ln -s {sentinel} etc/host-dir; "
+                    f"ln -s ../../../../../../../../../.. etc/up; ln -s {sentinel}/keep etc/file")
+    stage2 = script("echo two > two")  # copies the committed tree (cp of a tree with the links)
+    desc = {"pipeline": {"stages": [stage1, stage2],
+                         "assembler": {"name": "org.osbuild.tar",
+                                       "options": {"filename": "root.tar"}}}}
+    ids = [s.id for s in load(desc, REPO).pipeline.stages]
+    out = tmp_path / "out"
+    status, result, _, stderr = run_osbuild(store, desc, "--checkpoint", ids[0],
+                                            "--output-directory", str(out))
+    assert status == 0, stderr
+    objects, _ = check_store(store)
+    for tree_id in (ids[0], result["tree_id"]):
+        etc = os.path.join(store, "refs", tree_id, "etc")
+        assert os.readlink(os.path.join(etc, "abs")) == "/etc/shadow"
+        assert os.readlink(os.path.join(etc, "host-dir")) == str(sentinel)
+        assert os.path.islink(os.path.join(etc, "up"))
+    assert sorted(os.listdir(sentinel)) == ["keep"]
+    assert (sentinel / "keep").read_text() == "precious"
+    # the tree's hash covers the links, not what they point at
+    before = set(objects)
+    (sentinel / "keep").write_text("changed")
+    (sentinel / "new").write_text("new")
+    assert {treesum(os.path.join(store, "objects", o)) for o in objects} == before
+    with tarfile.open(out / "root.tar") as tar:
+        members = {m.name.lstrip("./"): m for m in tar.getmembers()}
+    assert members["etc/host-dir"].issym() and members["etc/abs"].issym()
+    assert "etc/host-dir/keep" not in members
+
+
+def test_treesum_copy_remove_do_not_follow(tmp_path):
+    """Host-side tree operations treat symlinks as links (no follow) even to directories."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "data").write_text("data")
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    os.symlink(str(outside), tree / "sub" / "dir-link")
+    os.symlink(str(outside / "data"), tree / "file-link")
+    os.symlink("../../../../../../..", tree / "up")
+    first = treesum(str(tree))
+    (outside / "data").write_text("other")
+    (outside / "more").write_text("more")
+    assert treesum(str(tree)) == first
+    copy = tmp_path / "copy"
+    copy_tree(str(tree), str(copy))
+    assert os.path.islink(copy / "sub" / "dir-link") and os.path.islink(copy / "up")
+    assert treesum(str(copy)) == first
+    os.chmod(tree / "sub", 0o000)
+    remove_tree(str(tree))
+    remove_tree(str(copy))
+    assert not tree.exists() and not copy.exists()
+    assert sorted(os.listdir(outside)) == ["data", "more"]
+
+
+@pytest.mark.parametrize("bad", ["../x", "../../etc/passwd", "/etc/passwd", "", "g" * 64, "A" * 64,
+                                 "0" * 63 + "/", "0" * 64 + "\n", ".."])
+def test_store_rejects_path_like_ids(tmp_path, bad):
+    """Object ids are 64 hex digits; anything else is refused before touching a path."""
+    store = ObjectStore(str(tmp_path / "store"))
+    with pytest.raises(StoreError):
+        store.resolve_ref(bad)
+    with pytest.raises(StoreError):
+        with store.new(bad):
+            pass
+    assert os.listdir(store.refs) == [] and os.listdir(store.tmp) == []
+
+
+@pytest.mark.parametrize("bad", ["../stages/org.osbuild.noop", "org.osbuild.noop/../x", "..",
+                                 "/bin/sh", "org.osbuild.noop\n", ".hidden", "a/b", "", "x" * 300])
+def test_program_names_validated(bad):
+    """Stage/assembler/runner names are plain file names."""
+    with pytest.raises(ValidationError):
+        check_name(bad, "stage")
+
+
+@pytest.mark.parametrize("bad", ["sha256:../../../etc/passwd", "sha256:" + "0" * 63 + "/",
+                                 "../sha256:" + "0" * 64, "sha256:" + "0" * 64 + "/.."])
+def test_checksums_validated(bad):
+    """Source checksums never reach a path unchecked."""
+    assert checksum_error(bad) is not None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("args, desc, fragment", [
+    (["--checkpoint", "../../../etc"], {"pipeline": {"stages": [{"name": "org.osbuild.noop"}]}},
+     "checkpoint"),
+    ([], {"pipeline": {"stages": [{"name": "../stages/org.osbuild.noop"}]}}, "stages[0]"),
+    ([], {"pipeline": {"build": {"runner": "../../usr/bin/env", "pipeline": {}}}}, "runner"),
+    ([], {"pipeline": {"assembler": {"name": "../assemblers/org.osbuild.noop"}}}, "assembler"),
+])
+def test_cli_rejects_path_names(tmp_path, args, desc, fragment):
+    """Path-like names on the command line or in the manifest: exit 1, nothing built."""
+    store = tmp_path / "store"
+    status, _, stdout, stderr = run_osbuild(store, desc, *args)
+    assert status == 1 and not stdout.strip()
+    assert stderr.startswith("osbuild: ") and fragment in stderr and "Traceback" not in stderr
+    assert not (store / "refs").exists() or os.listdir(store / "refs") == []
+    assert leftovers(tmp_path) == {}
