@@ -42,18 +42,24 @@ class BaseAPI:
         return self.path
 
     def stop(self):
-        """Stop serving and wait for the handlers to finish."""
-        if self._thread is None:
-            return
-        os.write(self._wake_w, b"x")
-        self._thread.join()
+        """Stop serving and wait for the handlers to finish.
+
+        Also safe after a `start()` that was interrupted half-way (Ctrl-C).
+        """
+        thread, self._thread = self._thread, None
+        if thread is not None and thread.ident is not None:
+            os.write(self._wake_w, b"x")
+            thread.join()
         for worker in self._workers:
             worker.join(timeout=10)
-        self._server.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        self._thread = None
         self._workers = []
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        self._wake_r = self._wake_w = None
 
     def __enter__(self):
         return self

@@ -17,6 +17,7 @@ import uuid
 
 import osbuild
 from osbuild.api import OsbuildAPI
+from osbuild.util.lifetime import contained
 from osbuild.util.workdir import WorkDir, clean_stale
 
 RUNTIME_DIR = "/run/osbuild"
@@ -25,13 +26,6 @@ CONTAINER_PYTHON = "/run/osbuild/python"
 CONTAINER_TREE = "/run/osbuild/tree"
 # nspawn refuses to rm its propagation directory when /run is not a tmpfs.
 _NSPAWN_NOISE = ('Attempted to remove disk file system under "/run/systemd/nspawn/propagate/',)
-# The container must not outlive us, nor nspawn: `setpriv --pdeathsig` kills
-# `unshare` when osbuild dies (even by SIGKILL), `unshare --kill-child` then
-# kills nspawn, which runs as PID 1 of a fresh PID namespace, so the kernel
-# kills every process of the container with it (a SIGKILLed nspawn alone
-# would leave the container running).
-_CONTAINED = ["setpriv", "--pdeathsig", "KILL", "--",
-              "unshare", "--pid", "--fork", "--kill-child=KILL", "--"]
 _USR_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 
@@ -62,9 +56,11 @@ class BuildRoot(contextlib.AbstractContextManager):
         self.etc = os.path.join(self.dir, "etc")
         self.var = os.path.join(self.dir, "var")
         self.tmp = os.path.join(self.dir, "tmp")
-        for d in (self.machine_root, self.etc, self.var, self.tmp):
+        self.home = os.path.join(self.dir, "home")  # root's $HOME, /root
+        for d in (self.machine_root, self.etc, self.var, self.tmp, self.home):
             os.mkdir(d, 0o755)
         os.chmod(self.tmp, 0o1777)
+        os.chmod(self.home, 0o700)
         self._prepare_root()
 
     def _prepare_root(self):
@@ -81,7 +77,7 @@ class BuildRoot(contextlib.AbstractContextManager):
         os.makedirs(os.path.join(self.machine_root, "usr"), exist_ok=True)
         # The root is mounted read-only (--read-only): nspawn cannot create
         # its mount points there, so they must exist beforehand.
-        for name in ("dev", "proc", "sys", "run", "tmp", "var"):
+        for name in ("dev", "proc", "sys", "run", "tmp", "var", "root"):
             os.makedirs(os.path.join(self.machine_root, name), exist_ok=True)
 
     def __exit__(self, *exc):
@@ -115,6 +111,7 @@ class BuildRoot(contextlib.AbstractContextManager):
             f"--bind-ro={os.path.join(self.root, 'etc')}:/run/osbuild/buildroot-etc",
             f"--bind={self.var}:/var",
             f"--bind={self.tmp}:/tmp",
+            f"--bind={self.home}:/root",
             f"--bind-ro={self.libdir}:{CONTAINER_LIBDIR}",
             f"--bind-ro={os.path.dirname(os.path.abspath(osbuild.__file__))}:"
             f"{CONTAINER_PYTHON}/osbuild",
@@ -138,7 +135,8 @@ class BuildRoot(contextlib.AbstractContextManager):
         api_dir = api_workdir.path
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         servers = [OsbuildAPI(args, write_fd), *apis]
-        argv = _CONTAINED + self._nspawn_argv(api_dir, binds, ro_binds)
+        # the container must not outlive us, nor nspawn (see util/lifetime.py)
+        argv = contained(self._nspawn_argv(api_dir, binds, ro_binds))
         argv += [f"{CONTAINER_LIBDIR}/runners/{self.runner}",
                  f"{CONTAINER_LIBDIR}/{kind}/{name}"]
         chunks, errors = [], []

@@ -73,7 +73,11 @@ class Object:
         self._writable = False
         # Content digests of files of the writable tree (see treesum.treesum).
         self.known = None
-        self._set_base(base_id)
+        try:
+            self._set_base(base_id)
+        except BaseException:
+            self._workdir.cleanup()  # the caller never gets an Object to clean up
+            raise
 
     def _set_base(self, base_id):
         if base_id is not None and not self.store.contains(base_id):

@@ -20,6 +20,7 @@ import threading
 
 from osbuild import api
 from osbuild.util import jsoncomm
+from osbuild.util.lifetime import contained
 
 SOURCES_DIR = "/run/osbuild/sources"
 API_PATH = os.path.join(api.API_DIR, "sources")
@@ -145,7 +146,8 @@ class SourcesServer(api.BaseAPI):
         pkgroot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = pkgroot + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with self._lock(name):
-            proc = subprocess.run([sys.executable, program], input=json.dumps(request),
+            # contained: the program and its children (curl, ...) die with osbuild
+            proc = subprocess.run(contained([sys.executable, program]), input=json.dumps(request),
                                   capture_output=True, text=True, env=env, check=False,
                                   cwd="/")
         self._check(name, proc)

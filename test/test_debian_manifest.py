@@ -233,3 +233,15 @@ def test_tool_matches_apt_get(tmp_path, apt_lists):
         theirs[digest.lower()] = url.strip("'")
     assert ours == theirs
     assert len(ours) > 80
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/keyrings/debian-archive-removed-keys.gpg"),
+                    reason="needs debian-archive-keyring")
+def test_unverifiable_metadata_is_an_error(tmp_path):
+    """Archive metadata not signed by the configured key is rejected (nothing resolved)."""
+    stanzas = tool.select_sources("bookworm")
+    for stanza in stanzas:
+        stanza["signed-by"] = "/usr/share/keyrings/debian-archive-removed-keys.gpg"
+    aptroot = tool.AptRoot(str(tmp_path / "root"), "amd64", stanzas[:1])
+    with pytest.raises(tool.ToolError, match="apt-get update failed.*(NO_PUBKEY|not signed|verif)"):
+        aptroot.update()

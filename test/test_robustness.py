@@ -9,12 +9,14 @@ over 100 builds in one process.
 """
 
 import contextlib
+import fcntl
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -24,7 +26,7 @@ from osbuild import __main__ as cli
 from osbuild.manifest import load
 from osbuild.treesum import treesum
 
-from hygiene import (check_store, leftovers, loops_backed_under,  # pylint: disable=unused-import
+from hygiene import (RUNTIME_DIR, check_store, leftovers, loops_backed_under,  # pylint: disable=unused-import
                      no_leftovers_fixture, open_fds, processes_mentioning)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,12 +169,41 @@ def test_next_run_removes_stale_workdirs(tmp_path, reference):
     assert any(e.startswith("object-") for e in stale) and \
         any(e.startswith("buildroot-") for e in stale), stale
     assert leftovers(tmp_path, markers=[token]) == {}
-    # an unrelated, cached build on the same store is enough to clean up
+    dead_api_dirs = _unlocked_api_dirs()
+    assert dead_api_dirs, "the killed build left no API directory in /run/osbuild"
+    # an unrelated, cached build on the same store is enough to clean the store up
     other = write_manifest(tmp_path / "other.json", {"pipeline": {}})
     status, _, stderr = build(store, other)
     assert status == 0, stderr
     assert tmp_entries(store) == []
     check_store(store)
+    # the next container run cleans /run/osbuild
+    noop = write_manifest(tmp_path / "noop.json", {"pipeline": {"stages": [
+        {"name": "org.osbuild.noop", "options": {"token": token}}]}})
+    status, _, stderr = build(store, noop)
+    assert status == 0, stderr
+    assert not [d for d in dead_api_dirs if os.path.exists(d)]
+
+
+def _unlocked_api_dirs():
+    """API directories in /run/osbuild whose owner is gone (nobody holds their lock)."""
+    found = []
+    for name in os.listdir(RUNTIME_DIR) if os.path.isdir(RUNTIME_DIR) else []:
+        path = os.path.join(RUNTIME_DIR, name)
+        if not name.startswith("api-"):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            found.append(path)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+    return found
 
 
 def test_sigkill_stage(tmp_path):
@@ -200,11 +231,18 @@ def test_sigkill_stage(tmp_path):
 
 
 def _children(pid):
+    children = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="utf-8") as f:
-            return [int(c) for c in f.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
+        return children
+    for task in tasks:  # children of every thread, not only the main one's
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="utf-8") as f:
+                children += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return children
 
 
 def _descendants(pid):
@@ -310,7 +348,7 @@ def test_fds_do_not_grow_over_100_builds(tmp_path):
     """100 consecutive builds in one process (25 run a container) leak no descriptor."""
     store = tmp_path / "store"
     path = tmp_path / "manifest.json"
-    counts = []
+    counts, threads = [], []
     for i in range(100):
         # every 4th build runs a container, the others are satisfied from the store
         write_manifest(path, {"pipeline": {"stages": [
@@ -322,7 +360,71 @@ def test_fds_do_not_grow_over_100_builds(tmp_path):
         result = json.loads(out.getvalue())
         assert len(result["stages"]) == (1 if i % 4 == 0 else 0)
         counts.append(open_fds())
+        threads.append(threading.active_count())
     # the first builds may open things for good (e.g. caches); after that: flat
     assert counts[-1] <= counts[4], counts
+    assert threads[-1] <= threads[4], threads
     assert tmp_entries(store) == []
     assert leftovers(tmp_path) == {}
+
+
+def test_disk_full(tmp_path):
+    """The store's disk fills up while copying a tree: one clear error, nothing
+    incomplete committed, work directories removed, and the store still usable."""
+    small = tmp_path / "small"
+    small.mkdir()
+    # room for the build root's copy of /etc and one 8 MB tree, not for two
+    etc_kib = int(subprocess.run(["du", "-sk", "/etc"], capture_output=True, text=True,
+                                 check=False).stdout.split()[0])
+    size_kib = 12 * 1024 + etc_kib * 13 // 10 + 1024
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(small)],
+                   check=True)
+    try:
+        store = small / "store"
+        stages = [{"name": "org.osbuild.script",
+                   "options": {"script": "head -c 8M /dev/zero > big"}},
+                  {"name": "org.osbuild.noop", "options": {"after": "big"}}]
+        desc = {"pipeline": {"stages": stages}}
+        path = write_manifest(tmp_path / "manifest.json", desc)
+        ids = stage_ids(desc)
+        # the checkpoint commits the 8 MB tree; the next stage needs a copy of it
+        status, result, stderr = build(store, path, "--checkpoint", ids[0])
+        assert status == 1
+        assert result is None, result
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("osbuild: "), stderr
+        assert "No space left on device" in lines[0] and "internal error" not in lines[0]
+        objects, refs = check_store(store)
+        assert refs == [ids[0]] and len(objects) == 1
+        assert tmp_entries(store) == []
+        # a build that fits still works on the same store
+        small_desc = {"pipeline": {"stages": [{"name": "org.osbuild.noop", "options": {}}]}}
+        status, _, stderr = build(store, write_manifest(tmp_path / "small.json", small_desc))
+        assert status == 0, stderr
+        check_store(store)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_interrupted_workdir_creation_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C while a work directory is being created and locked removes it again."""
+    from osbuild.util import workdir  # pylint: disable=import-outside-toplevel
+    calls = []
+
+    def interrupted_flock(fd, op):
+        calls.append(op)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workdir.fcntl, "flock", interrupted_flock)
+    with pytest.raises(KeyboardInterrupt):
+        workdir.WorkDir(str(tmp_path), "object-")
+    assert calls and os.listdir(tmp_path) == []
+
+
+def test_object_on_missing_base_leaves_nothing(tmp_path):
+    """An Object whose base is not in the store raises, and leaves no work directory."""
+    from osbuild.objectstore import ObjectStore, Object, StoreError  # pylint: disable=import-outside-toplevel
+    store = ObjectStore(str(tmp_path / "store"))
+    with pytest.raises(StoreError):
+        Object(store, "0" * 64)
+    assert tmp_entries(store.path) == []

@@ -1,7 +1,7 @@
 """The sandbox a stage runs in, and the host's care with what stages leave.
 
-A stage writes only to its tree and its own /etc, /var, /tmp (and the
-container's private /run): the host's /usr, the libdir, the osbuild package,
+A stage writes only to its tree and its own /etc, /var, /tmp, /root (and
+the container's private /run): the host's /usr, the libdir, the osbuild package,
 the sources directory, the build root's /etc source and the container root
 are read-only; the store, other objects, the sources cache and the rest of
 the host are not visible at all; /dev holds no host block devices. Names
@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 
+from osbuild import __main__ as cli
 from osbuild.manifest import load
 from osbuild.meta import ValidationError, check_name
 from osbuild.objectstore import ObjectStore, StoreError, copy_tree, remove_tree
@@ -55,7 +56,7 @@ def script(text):
 READ_ONLY = ["/usr", "/usr/bin", "/bin", "/run/osbuild/lib", "/run/osbuild/lib/stages",
              "/run/osbuild/python/osbuild", "/run/osbuild/sources",
              "/run/osbuild/buildroot-etc", "/"]
-WRITABLE = ["/run/osbuild/tree", "/var", "/tmp", "/etc"]
+WRITABLE = ["/run/osbuild/tree", "/var", "/tmp", "/etc", "/root"]
 
 
 @pytest.mark.integration
@@ -223,3 +224,30 @@ def test_cli_rejects_path_names(tmp_path, args, desc, fragment):
     assert stderr.startswith("osbuild: ") and fragment in stderr and "Traceback" not in stderr
     assert not (store / "refs").exists() or os.listdir(store / "refs") == []
     assert leftovers(tmp_path) == {}
+
+
+def test_output_copy_keeps_symlinks(tmp_path):
+    """--output-directory copies an assembler output's symlinks as links, never what
+    they point at, and replaces a link already in the output directory, not its target."""
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    (sentinel / "keep").write_text("precious")
+    store = ObjectStore(str(tmp_path / "store"))
+    output_id = "ef" * 32
+    with store.new(output_id) as obj:
+        out = obj.write()
+        os.symlink(str(sentinel), os.path.join(out, "dir-link"))
+        os.mkdir(os.path.join(out, "sub"))
+        os.symlink("/etc/shadow", os.path.join(out, "sub", "abs"))
+        with open(os.path.join(out, "image.raw"), "w", encoding="utf-8") as f:
+            f.write("image")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    os.symlink(str(sentinel), dest / "image.raw")  # must be replaced, not written through
+    cli.copy_output(store, output_id, str(dest))
+    assert os.readlink(dest / "dir-link") == str(sentinel)
+    assert os.readlink(dest / "sub" / "abs") == "/etc/shadow"
+    assert not os.path.islink(dest / "image.raw")
+    assert (dest / "image.raw").read_text() == "image"
+    assert sorted(os.listdir(sentinel)) == ["keep"]
+    assert (sentinel / "keep").read_text() == "precious"

@@ -7,6 +7,7 @@ JSON output, in any file of the store (trees, cache, refs) or in any
 process' arguments, whether the build succeeds or fails.
 """
 
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -155,7 +156,7 @@ class SlowHandler(http.server.BaseHTTPRequestHandler):
     """Answers every GET after `delay` seconds; sets `requested` when a request arrives."""
 
     requested = None
-    delay = 10
+    delay = 30
     body = b""
 
     def do_GET(self):  # pylint: disable=invalid-name
@@ -179,11 +180,17 @@ def descendants(pid):
     found, todo = [], [pid]
     while todo:
         current = todo.pop()
+        children = []
         try:
-            with open(f"/proc/{current}/task/{current}/children", encoding="utf-8") as f:
-                children = [int(c) for c in f.read().split()]
+            tasks = os.listdir(f"/proc/{current}/task")
         except OSError:
-            children = []
+            tasks = []
+        for task in tasks:  # children of every thread, not only the main one's
+            try:
+                with open(f"/proc/{current}/task/{task}/children", encoding="utf-8") as f:
+                    children += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
         found += children
         todo += children
     return found
@@ -233,12 +240,13 @@ def test_killed_during_download(tmp_path, victims):
         tree = descendants(proc.pid)
         if victims == "everything":
             for pid in [proc.pid] + tree:
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         else:
             proc.kill()
         proc.wait()
         assert files_containing(str(store), token.encode()) == [], "secret on disk"
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(alive(p) for p in tree):
             time.sleep(0.05)
         assert [p for p in tree if alive(p)] == [], "processes outlived osbuild"

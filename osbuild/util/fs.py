@@ -10,8 +10,11 @@ def copy_tree(src, dst):
 
     Uses reflinks where the filesystem supports them.
     """
-    subprocess.run(["cp", "--reflink=auto", "-a", "--", src, dst], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    res = subprocess.run(["cp", "--reflink=auto", "-a", "--", src, dst], check=False,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if res.returncode != 0:  # e.g. disk full: an OSError the CLI reports in one line
+        lines = res.stderr.decode(errors="replace").strip().splitlines() or ["cp failed"]
+        raise OSError(f"cannot copy a tree: {lines[0][:500]}")
 
 
 def remove_tree(path):

@@ -17,7 +17,7 @@ the creator, which simply makes another one.
 import contextlib
 import fcntl
 import os
-import tempfile
+import secrets
 
 from osbuild.util.fs import remove_tree
 
@@ -36,25 +36,33 @@ class WorkDir:
         if not prefix.startswith(PREFIXES):
             raise ValueError(f"work directory prefix {prefix!r} is not one of {PREFIXES}")
         while True:
-            path = tempfile.mkdtemp(dir=parent, prefix=prefix)
+            # like tempfile.mkdtemp, but a Ctrl-C right after mkdir(2) is handled below
+            path = os.path.join(parent, prefix + secrets.token_hex(6))
+            fd = None
             try:
+                try:
+                    os.mkdir(path, 0o700)
+                except FileExistsError:
+                    continue
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue  # a cleaner was quicker than us: make another
-            try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 st = os.fstat(fd)
-                try:
-                    now = os.lstat(path)
-                    same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-                except FileNotFoundError:
-                    same = False
+                now = os.lstat(path)
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    break
+            except FileNotFoundError:
+                if fd is None and not os.path.isdir(parent):
+                    raise
+                # a cleaner was quicker than us: make another
             except BaseException:
-                os.close(fd)
+                # e.g. KeyboardInterrupt: do not leave the directory behind
+                if fd is not None:
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
                 raise
-            if same:
-                break
-            os.close(fd)  # a cleaner removed it before we locked it: make another
+            if fd is not None:
+                os.close(fd)
         self.path = path
         self._fd = fd
 
