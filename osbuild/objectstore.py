@@ -201,7 +201,7 @@ class ObjectStore:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
             else:
-                self._write_index(target, seen)
+                self._write_index(target, seen, obj.workdir)
         self._link(object_id, target, obj.workdir)
         obj.rebase(object_id)
 
@@ -215,10 +215,14 @@ class ObjectStore:
             return None
         return index if isinstance(index, dict) else None
 
-    def _write_index(self, target, seen):
-        """Save the digest records of a freshly committed tree (best effort)."""
+    def _write_index(self, target, seen, workdir):
+        """Save the digest records of a freshly committed tree (best effort).
+
+        The file is written in the object's work directory (removed with it,
+        even after a crash) and renamed into place.
+        """
         try:
-            with tempfile.NamedTemporaryFile("w", dir=self.index, prefix=".tmp-",
+            with tempfile.NamedTemporaryFile("w", dir=workdir or self.tmp, prefix="index-",
                                              delete=False, encoding="utf-8") as f:
                 json.dump(seen, f)
             os.rename(f.name, os.path.join(self.index, target))
