@@ -1,5 +1,7 @@
 """Shared fixtures: run osbuild from this checkout on a manifest."""
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +10,15 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def import_program(path, module_name):
+    """Import a program file without a .py suffix (a stage, assembler or tool) as a module."""
+    loader = importlib.machinery.SourceFileLoader(module_name, path)
+    spec = importlib.util.spec_from_loader(module_name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 class OsbuildResult:

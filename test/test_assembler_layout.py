@@ -1,27 +1,16 @@
 """Partition planning of org.osbuild.qemu, without building anything (no root needed)."""
 
-import importlib.machinery
-import importlib.util
 import os
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, import_program
 
 
-def load_assembler():
-    """Import assemblers/org.osbuild.qemu as a module."""
-    path = os.path.join(REPO, "assemblers", "org.osbuild.qemu")
-    loader = importlib.machinery.SourceFileLoader("osbuild_qemu_assembler", path)
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-qemu = load_assembler()
+qemu = import_program(os.path.join(REPO, "assemblers", "org.osbuild.qemu"),
+                      "osbuild_qemu_assembler")
 MIB = 1024 * 1024
 UUID = "76a22bf4-f153-4541-b6c7-0332c0dfaeac"
 ROOT = {"type": "ext4", "uuid": UUID, "mountpoint": "/"}

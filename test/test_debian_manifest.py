@@ -1,8 +1,6 @@
 """Tests of tools/osbuild-debian-manifest and of the checked-in Debian sample."""
 # pylint: disable=missing-function-docstring
 
-import importlib.machinery
-import importlib.util
 import json
 import os
 import re
@@ -11,23 +9,14 @@ import subprocess
 import jsonschema
 import pytest
 
-from conftest import REPO
+from conftest import REPO, import_program
 
 TOOL = os.path.join(REPO, "tools", "osbuild-debian-manifest")
 SAMPLE = os.path.join(REPO, "samples", "debian12-qcow2.json")
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
-def load_tool():
-    """Import the tool as a module (it has no .py suffix)."""
-    loader = importlib.machinery.SourceFileLoader("debian_manifest_tool", TOOL)
-    spec = importlib.util.spec_from_loader("debian_manifest_tool", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-tool = load_tool()
+tool = import_program(TOOL, "debian_manifest_tool")
 
 
 @pytest.fixture(name="apt_lists", scope="module")

@@ -1,8 +1,6 @@
 """Unit tests of the org.osbuild.dpkg stage: versions, dependencies, .deb handling."""
 # pylint: disable=missing-function-docstring
 
-import importlib.machinery
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -10,20 +8,10 @@ import subprocess
 import pytest
 from hypothesis import given, settings, strategies as st
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, import_program
 
 
-def load_stage():
-    """Import stages/org.osbuild.dpkg as a module (it has no .py suffix)."""
-    path = os.path.join(REPO, "stages", "org.osbuild.dpkg")
-    loader = importlib.machinery.SourceFileLoader("stage_dpkg", path)
-    spec = importlib.util.spec_from_loader("stage_dpkg", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-dpkg = load_stage()
+dpkg = import_program(os.path.join(REPO, "stages", "org.osbuild.dpkg"), "stage_dpkg")
 needs_dpkg = pytest.mark.skipif(shutil.which("dpkg") is None, reason="needs dpkg")
 
 
