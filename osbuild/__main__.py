@@ -7,7 +7,7 @@ import shutil
 import sys
 
 from osbuild import __version__
-from osbuild.buildroot import stream_monitor
+from osbuild.buildroot import BuildRootError, stream_monitor
 from osbuild.manifest import host_runner, innermost, load, load_pipeline, validate
 from osbuild.meta import ProgramInfo, ValidationError
 from osbuild.objectstore import ObjectStore, StoreError
@@ -242,7 +242,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nosbuild: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValidationError, StoreError) as e:
+    except (UsageError, ValidationError, StoreError, BuildRootError) as e:
         print(f"osbuild: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -5,10 +5,19 @@ STORE/tmp holding the (empty) container root and the container's /etc,
 /var and /tmp; the build tree's /usr (and /bin, /sbin, /lib* where they are
 real directories) is bind-mounted read-only. The runner populates /etc once
 for the whole build root, not once per program.
+
+Programs run as root of a user namespace: uid 0..65535 inside are an
+unprivileged range on the host, every bind is an idmapped mount (so files
+keep their real owners), and the container has its own network namespace
+with only loopback. Root inside can therefore write the trees it is given
+but cannot remount, mknod, load modules, change sysctls or reach the host's
+network; privileged work (loop devices, mounting image filesystems) is done
+by the host through the APIs (see remoteloop.py).
 """
 
 import contextlib
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -17,6 +26,8 @@ import uuid
 
 import osbuild
 from osbuild.api import OsbuildAPI
+from osbuild.remoteloop import LoopServer
+from osbuild.util import idmap
 from osbuild.util.lifetime import contained
 from osbuild.util.workdir import WorkDir, clean_stale
 
@@ -24,9 +35,18 @@ RUNTIME_DIR = "/run/osbuild"
 CONTAINER_LIBDIR = "/run/osbuild/lib"
 CONTAINER_PYTHON = "/run/osbuild/python"
 CONTAINER_TREE = "/run/osbuild/tree"
+CONTAINER_DEV = "/run/osbuild/dev"  # where the host creates loop device nodes
+# The container's uid/gid range: 65536 ids at a random 64 Ki boundary of the
+# range systemd-nspawn itself picks from, far above any real user.
+UID_RANGE = 0x10000
+_UID_BASES = (0x00080000 // UID_RANGE, 0x6FFF0000 // UID_RANGE)
 # nspawn refuses to rm its propagation directory when /run is not a tmpfs.
 _NSPAWN_NOISE = ('Attempted to remove disk file system under "/run/systemd/nspawn/propagate/',)
 _USR_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+
+class BuildRootError(Exception):
+    """The build root cannot be set up on this host; the message says why."""
 
 
 class RunResult:
@@ -57,7 +77,9 @@ class BuildRoot(contextlib.AbstractContextManager):
         self.var = os.path.join(self.dir, "var")
         self.tmp = os.path.join(self.dir, "tmp")
         self.home = os.path.join(self.dir, "home")  # root's $HOME, /root
-        for d in (self.machine_root, self.etc, self.var, self.tmp, self.home):
+        self.dev = os.path.join(self.dir, "dev")
+        self.uid_base = random.randint(*_UID_BASES) * UID_RANGE
+        for d in (self.machine_root, self.etc, self.var, self.tmp, self.home, self.dev):
             os.mkdir(d, 0o755)
         os.chmod(self.tmp, 0o1777)
         os.chmod(self.home, 0o700)
@@ -83,18 +105,24 @@ class BuildRoot(contextlib.AbstractContextManager):
     def __exit__(self, *exc):
         self.cleanup()
 
+    def loop_server(self, tree):
+        """A remoteloop server for a program that gets `tree` at CONTAINER_TREE."""
+        return LoopServer(self.dev, CONTAINER_DEV, work_dir=self.dir,
+                          paths=[(CONTAINER_TREE, tree), ("/tmp", self.tmp)])
+
     def cleanup(self):
         """Remove the build root's directory."""
         if self.dir is not None:
             self._workdir.cleanup()
             self.dir = None
 
-    def _nspawn_argv(self, api_dir, binds, ro_binds):
+    def _nspawn_argv(self, api_dir, binds, ro_binds, network):
         argv = [
             "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2",
-            "--link-journal=no", "--console=pipe", "--private-users=no",
+            "--link-journal=no", "--console=pipe",
             "--timezone=off", "--resolv-conf=off", "--read-only",
-            "--capability=CAP_MAC_ADMIN,CAP_SYS_RAWIO",
+            f"--private-users={self.uid_base}:{UID_RANGE}", "--private-users-ownership=map",
+            "--capability=CAP_MAC_ADMIN",
             f"--machine=osbuild-{uuid.uuid4().hex[:16]}",
             f"--directory={self.machine_root}",
             "--setenv=PYTHONPATH=" + CONTAINER_PYTHON,
@@ -102,43 +130,55 @@ class BuildRoot(contextlib.AbstractContextManager):
             "--setenv=LC_ALL=C.UTF-8",
             "--setenv=PATH=/usr/sbin:/usr/bin:/sbin:/bin",
         ]
-        for name in _USR_DIRS:
-            src = os.path.join(self.root, name)
-            if os.path.isdir(src) and not os.path.islink(src):
-                argv.append(f"--bind-ro={src}:/{name}")
-        argv += [
-            f"--bind={self.etc}:/etc",
-            f"--bind-ro={os.path.join(self.root, 'etc')}:/run/osbuild/buildroot-etc",
-            f"--bind={self.var}:/var",
-            f"--bind={self.tmp}:/tmp",
-            f"--bind={self.home}:/root",
-            f"--bind-ro={self.libdir}:{CONTAINER_LIBDIR}",
-            f"--bind-ro={os.path.dirname(os.path.abspath(osbuild.__file__))}:"
-            f"{CONTAINER_PYTHON}/osbuild",
-            f"--bind={api_dir}:/run/osbuild/api",
-        ]
-        argv += [f"--bind={src}:{dst}" for src, dst in binds]
-        argv += [f"--bind-ro={src}:{dst}" for src, dst in ro_binds]
+        if not network:
+            argv.append("--private-network")
+        binds = [(self.etc, "/etc"), (self.var, "/var"), (self.tmp, "/tmp"),
+                 (self.home, "/root"), (self.dev, CONTAINER_DEV), (api_dir, "/run/osbuild/api"),
+                 *binds]
+        # idmap: uid N inside is uid N on disk, so trees keep their real owners.
+        mounts = idmap.MountTable()
+        for src, _ in binds + list(ro_binds):
+            if not mounts.supports_idmap(src):
+                raise BuildRootError(f"{src} is on a {mounts.fstype(src)} filesystem, which "
+                                     "cannot be idmapped: the store and /run/osbuild must be on "
+                                     f"one of {', '.join(idmap.describe())}")
+        argv += [f"--bind={src}:{dst}:idmap" for src, dst in binds]
+        argv += [f"--bind-ro={src}:{dst}:idmap" for src, dst in ro_binds]
+        # Only read (and mostly world-readable): where idmapping is impossible
+        # (say the host's /usr on overlayfs) the files show as owned by nobody.
+        shared = [(os.path.join(self.root, name), "/" + name) for name in _USR_DIRS
+                  if os.path.isdir(os.path.join(self.root, name))
+                  and not os.path.islink(os.path.join(self.root, name))]
+        shared += [(os.path.join(self.root, "etc"), "/run/osbuild/buildroot-etc"),
+                   (self.libdir, CONTAINER_LIBDIR),
+                   (os.path.dirname(os.path.abspath(osbuild.__file__)),
+                    f"{CONTAINER_PYTHON}/osbuild")]
+        argv += [f"--bind-ro={src}:{dst}" + (":idmap" if mounts.supports_idmap(src) else "")
+                 for src, dst in shared]
         return argv
 
-    def run(self, kind, name, args, binds=(), ro_binds=(), apis=(), monitor=None):
+    def run(self, kind, name, args, binds=(), ro_binds=(), apis=(), monitor=None,
+            network=False):  # pylint: disable=too-many-arguments
         """Run the program `<libdir>/<kind>/<name>` with JSON `args` on stdin.
 
         `binds`/`ro_binds` are (host path, container path) pairs; `apis` are
         BaseAPI servers to expose next to the osbuild API; `monitor` is called
-        with each chunk of output as it arrives.
+        with each chunk of output as it arrives; `network` shares the host's
+        network instead of a private one with only loopback.
         """
         # Socket paths are limited to 108 bytes, so they cannot live in the store.
         os.makedirs(RUNTIME_DIR, mode=0o755, exist_ok=True)
         clean_stale(RUNTIME_DIR, ("api-",))  # left by osbuild processes that died
         api_workdir = WorkDir(RUNTIME_DIR, "api-")
-        api_dir = api_workdir.path
+        try:
+            # the container must not outlive us, nor nspawn (see util/lifetime.py)
+            argv = contained(self._nspawn_argv(api_workdir.path, binds, ro_binds, network) + [
+                f"{CONTAINER_LIBDIR}/runners/{self.runner}", f"{CONTAINER_LIBDIR}/{kind}/{name}"])
+        except BaseException:
+            api_workdir.cleanup()
+            raise
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         servers = [OsbuildAPI(args, write_fd), *apis]
-        # the container must not outlive us, nor nspawn (see util/lifetime.py)
-        argv = contained(self._nspawn_argv(api_dir, binds, ro_binds))
-        argv += [f"{CONTAINER_LIBDIR}/runners/{self.runner}",
-                 f"{CONTAINER_LIBDIR}/{kind}/{name}"]
         chunks, errors = [], []
         proc = None
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -146,7 +186,7 @@ class BuildRoot(contextlib.AbstractContextManager):
                  threading.Thread(target=_pump, args=(err_r, errors, None), daemon=True)]
         try:
             for server in servers:
-                server.start(api_dir)
+                server.start(api_workdir.path)
             for pump in pumps:
                 pump.start()
             # The container starts with nspawn's stdio (errors before the runner

@@ -48,7 +48,8 @@ def _string_assignment(node):
     if not isinstance(node, ast.Assign) or len(node.targets) != 1:
         return None
     target, value = node.targets[0], node.value
-    if isinstance(target, ast.Name) and target.id in ("STAGE_DESC", "STAGE_INFO", "STAGE_OPTS") \
+    if isinstance(target, ast.Name) and \
+            target.id in ("STAGE_DESC", "STAGE_INFO", "STAGE_OPTS", "STAGE_NETWORK") \
             and isinstance(value, ast.Constant) and isinstance(value.value, str):
         return target.id, value.value
     return None
@@ -57,12 +58,15 @@ def _string_assignment(node):
 class ProgramInfo:
     """The declared description and option schema of one program."""
 
-    def __init__(self, kind, name, desc, info, opts):
+    def __init__(self, kind, name, desc, info, opts, network=False):
         self.kind = kind
         self.name = name
         self.desc = desc
         self.info = info
         self.opts = opts
+        # STAGE_NETWORK = "host": the program needs the host's network (e.g. dnf
+        # fetching from its repositories); all others get loopback only.
+        self.network = network
 
     @property
     def schema(self):
@@ -86,8 +90,11 @@ class ProgramInfo:
         except ValueError as e:
             raise ValidationError(f"{kind}/{name}: STAGE_OPTS is not a JSON schema body: {e}") \
                 from None
+        network = values.get("STAGE_NETWORK", "").strip()
+        if network not in ("", "host"):
+            raise ValidationError(f"{kind}/{name}: STAGE_NETWORK must be \"host\" if set")
         return cls(kind, name, values.get("STAGE_DESC", "").strip(),
-                   values.get("STAGE_INFO", "").strip(), opts)
+                   values.get("STAGE_INFO", "").strip(), opts, network == "host")
 
     def validate(self, options, where):
         """Raise ValidationError naming `where` if `options` break the schema."""

@@ -5,6 +5,7 @@ import json
 import os
 
 from osbuild.buildroot import BuildRoot, CONTAINER_TREE
+from osbuild.meta import ProgramInfo
 from osbuild.objectstore import Object
 from osbuild.util.workdir import WorkDir
 
@@ -79,10 +80,11 @@ class Stage:
                                    sources_dir, ctx.secrets)
             args = {"tree": CONTAINER_TREE, "sources": CONTAINER_SOURCES,
                     "options": self.options}
+            network = ProgramInfo.load(ctx.libdir, self.kind, self.name).network
             res = buildroot.run(self.kind, self.name, args,
                                 binds=[(tree, CONTAINER_TREE)],
                                 ro_binds=[(sources_dir, CONTAINER_SOURCES)],
-                                apis=[server], monitor=ctx.monitor)
+                                apis=[server], monitor=ctx.monitor, network=network)
         finally:
             sources_workdir.cleanup()
         return _result(self, res)
@@ -95,13 +97,12 @@ class Assembler(Stage):
 
     def run(self, ctx, buildroot, tree, output_dir=None):  # pylint: disable=arguments-differ
         """Run on the read-only `tree`, writing into `output_dir`."""
-        from osbuild.remoteloop import LoopServer  # pylint: disable=import-outside-toplevel
         ctx.announce(self)
         args = {"tree": CONTAINER_TREE, "output_dir": CONTAINER_OUTPUT, "options": self.options}
         res = buildroot.run(self.kind, self.name, args,
                             binds=[(output_dir, CONTAINER_OUTPUT)],
                             ro_binds=[(tree, CONTAINER_TREE)],
-                            apis=[LoopServer()], monitor=ctx.monitor)
+                            apis=[buildroot.loop_server(tree)], monitor=ctx.monitor)
         return _result(self, res)
 
 

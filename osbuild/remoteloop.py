@@ -1,58 +1,87 @@
-"""The `remoteloop` API: loop devices for programs inside the build root.
+"""The `remoteloop` API: loop devices and image filesystems for the build root.
 
-A container cannot attach loop devices itself. The assembler sends the host
-an open image file and an open directory (its `/dev`) together with an
-offset and a size limit; the host attaches a loop device to the image,
-creates the device node `loopN` in that directory and answers the name.
-When the client is done it asks the host to release the device: the host
-flushes it, detaches it and removes the node it created. Whatever is still
-attached when the server stops is released then.
+A container (an unprivileged user namespace) can neither attach loop devices
+nor mount filesystems. The assembler sends the host an open image file with
+an offset and a size limit; the host attaches a loop device to it and creates
+its node `loopN` in the build root's device directory (`/run/osbuild/dev`
+inside), answering the node's path. The assembler makes filesystems on such
+devices with its own tools, then asks the host to populate them: the host
+mounts them (in a private mount namespace of a helper process, see
+osbuild/util/populate.py) and copies directories of the container into them
+with its own tar. Only paths below the directories the server was given
+(the tree, the container's /tmp) can be copied, and they are resolved
+without following symbolic links. On release the host flushes and detaches
+the device and removes its node; whatever is still attached when the
+server stops is released then.
 
 Requests and replies (osbuild.util.jsoncomm messages):
 
-    {"method": "attach", "fd": 0, "dir_fd": 1, "offset": N, "sizelimit": N}
-        fds [image, directory]  ->  {"devname": "loop3"}
+    {"method": "attach", "fd": 0, "offset": N, "sizelimit": N}
+        fds [image]  ->  {"devname": "loop3", "path": "/run/osbuild/dev/loop3"}
+    {"method": "populate",
+     "mounts": [{"devname": "loop3", "fstype": "ext4", "mountpoint": "/"}, ...],
+     "copies": [{"path": "/run/osbuild/tree", "exclude": ["/boot/efi"]}, ...]}  ->  {}
     {"method": "release", "devname": "loop3"}  ->  {}
 
 Any failure is answered as {"error": MESSAGE}.
 """
 
 import contextlib
+import json
 import os
+import re
+import subprocess
+import sys
+import tempfile
 import threading
 
 from osbuild import api, loop
 from osbuild.util import jsoncomm
 
+POPULATE_FSTYPES = ("ext4", "xfs")
+_MOUNTPOINT_RE = re.compile(r"^/([^/\0]+(/[^/\0]+)*)?$")
+
 
 class LoopServer(api.BaseAPI):
-    """Host side: attaches loop devices on behalf of the container."""
+    """Host side: attaches loop devices and fills filesystems for the container.
+
+    `dev_dir` is the host directory that appears as `node_dir` in the
+    container; `paths` are (container directory, host directory) pairs that
+    `populate` may copy from; `work_dir` holds the helper's mount points.
+    """
 
     endpoint = "remoteloop"
 
-    def __init__(self):
+    def __init__(self, dev_dir, node_dir=None, paths=(), work_dir=None):
         super().__init__()
+        self.dev_dir = dev_dir
+        self.node_dir = node_dir or dev_dir
+        self.paths = [(os.path.normpath(c), h) for c, h in paths]
+        self.work_dir = work_dir
         self._lock = threading.Lock()
         self._devices = {}   # devname -> (Loop, dir fd or None)
 
     def _attach(self, msg, fds):
         image_fd = fds[msg["fd"]]
-        dir_fd = fds[msg["dir_fd"]]
         offset = msg.get("offset") or 0
         sizelimit = msg.get("sizelimit") or 0
         if not isinstance(offset, int) or not isinstance(sizelimit, int):
             raise loop.LoopError("offset and sizelimit must be integers")
         with loop.LoopControl() as ctl:
             lo = ctl.attach(image_fd, offset=offset, sizelimit=sizelimit, autoclear=True)
+        dir_fd = os.open(self.dev_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             created = lo.mknod(dir_fd)
         except (OSError, loop.LoopError):
+            os.close(dir_fd)
             _detach(lo)
             raise
-        node_dir = os.dup(dir_fd) if created else None
+        if not created:
+            os.close(dir_fd)
+            dir_fd = None
         with self._lock:
-            self._devices[lo.devname] = (lo, node_dir)
-        return {"devname": lo.devname}
+            self._devices[lo.devname] = (lo, dir_fd)
+        return {"devname": lo.devname, "path": os.path.join(self.node_dir, lo.devname)}
 
     def _release(self, devname):
         with self._lock:
@@ -62,11 +91,82 @@ class LoopServer(api.BaseAPI):
         _release_entry(entry)
         return {}
 
+    def _open_source(self, path):
+        """An O_PATH fd of the container directory `path`, resolved without following links."""
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise loop.LoopError(f"populate: {path!r} is not an absolute path")
+        parts = path.split("/")
+        if any(p in (".", "..") for p in parts):
+            raise loop.LoopError(f"populate: {path!r} is not a normalized path")
+        path = os.path.normpath(path)
+        for container, host in self.paths:
+            if path == container or path.startswith(container.rstrip("/") + "/"):
+                rel = os.path.relpath(path, container)
+                break
+        else:
+            raise loop.LoopError(f"populate: {path} is not below a directory it may copy")
+        fd = os.open(host, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in ([] if rel == "." else rel.split("/")):
+                nfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except OSError as e:
+            os.close(fd)
+            raise loop.LoopError(f"populate: {path} is not a directory ({e.strerror})") from None
+        return fd
+
+    def _populate(self, msg):
+        mounts, copies = msg.get("mounts"), msg.get("copies")
+        if not isinstance(mounts, list) or not mounts or not isinstance(copies, list):
+            raise loop.LoopError("populate needs a list of mounts and a list of copies")
+        spec_mounts = []
+        with self._lock:
+            devices = dict(self._devices)
+        for m in mounts:
+            if not isinstance(m, dict) or m.get("devname") not in devices:
+                raise loop.LoopError(f"populate: {m!r} does not name a device of this server")
+            if m.get("fstype") not in POPULATE_FSTYPES:
+                raise loop.LoopError(f"populate: cannot mount filesystem type {m.get('fstype')!r}")
+            if not isinstance(m.get("mountpoint"), str) or \
+                    not _MOUNTPOINT_RE.match(m["mountpoint"]) or \
+                    ".." in m["mountpoint"].split("/"):
+                raise loop.LoopError(f"populate: bad mountpoint {m.get('mountpoint')!r}")
+            lo = devices[m["devname"]][0]
+            spec_mounts.append([os.path.join("/dev", lo.devname), m["fstype"], m["mountpoint"]])
+        if spec_mounts[0][2] != "/":
+            raise loop.LoopError("populate: the first mount must be '/'")
+        fds = []
+        try:
+            spec_copies = []
+            for c in copies:
+                if not isinstance(c, dict):
+                    raise loop.LoopError(f"populate: bad copy {c!r}")
+                exclude = c.get("exclude") or []
+                if not isinstance(exclude, list) or \
+                        not all(isinstance(e, str) and _MOUNTPOINT_RE.match(e) for e in exclude):
+                    raise loop.LoopError(f"populate: bad exclude list {exclude!r}")
+                fds.append(self._open_source(c.get("path")))
+                spec_copies.append([fds[-1], exclude])
+            with tempfile.TemporaryDirectory(prefix="populate-", dir=self.work_dir) as target:
+                spec = {"target": target, "mounts": spec_mounts, "copies": spec_copies}
+                res = _run_helper(spec, fds)
+            if res.returncode != 0:
+                tail = res.stderr.decode("utf-8", errors="replace").strip().splitlines()[-5:]
+                raise loop.LoopError("populate: " + "; ".join(tail or ["the helper failed"]))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return {}
+
     def _message(self, msg, fds, sock):
         try:
             method = msg.get("method") if isinstance(msg, dict) else None
             if method == "attach":
                 reply = self._attach(msg, fds)
+            elif method == "populate":
+                reply = self._populate(msg)
             elif method == "release":
                 reply = self._release(msg.get("devname"))
             else:
@@ -89,6 +189,18 @@ class LoopServer(api.BaseAPI):
         """Names of the devices currently attached through this server."""
         with self._lock:
             return sorted(self._devices)
+
+
+def _run_helper(spec, fds):
+    """Run osbuild.util.populate in a private mount namespace that dies with us."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
+           "PYTHONPATH": package_parent}
+    argv = ["setpriv", "--pdeathsig", "KILL", "--",
+            "unshare", "--mount", "--propagation", "private", "--",
+            sys.executable, "-S", "-m", "osbuild.util.populate", json.dumps(spec)]
+    return subprocess.run(argv, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
 
 
 def _detach(lo):
@@ -119,36 +231,48 @@ class LoopClient:  # pylint: disable=too-few-public-methods
     def __init__(self, path=os.path.join(api.API_DIR, "remoteloop")):
         self.path = path
 
-    @contextlib.contextmanager
-    def device(self, fd, offset=None, sizelimit=None, dev_dir="/dev"):
-        """Attach the open image `fd`; yields the device node's path.
-
-        The node is created in `dev_dir`. On leaving the context the host
-        flushes and detaches the device and removes the node.
-        """
+    def _connect(self):
         try:
-            sock = jsoncomm.Socket.new_client(self.path)
+            return jsoncomm.Socket.new_client(self.path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise loop.LoopError(f"no remoteloop API at {self.path} "
                                  "(assemblers run through osbuild)") from None
-        with sock:
-            dir_fd = os.open(dev_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                req = {"method": "attach", "fd": 0, "dir_fd": 1,
-                       "offset": offset or 0, "sizelimit": sizelimit or 0}
-                reply, rfds = sock.call(req, [fd, dir_fd])
-            finally:
-                os.close(dir_fd)
-            for extra in rfds:
-                os.close(extra)
-            if "error" in reply:
-                raise loop.LoopError(reply["error"])
+
+    @contextlib.contextmanager
+    def device(self, fd, offset=None, sizelimit=None):
+        """Attach the open image `fd`; yields the device node's path.
+
+        On leaving the context the host flushes and detaches the device and
+        removes the node.
+        """
+        with self._connect() as sock:
+            req = {"method": "attach", "fd": 0, "offset": offset or 0,
+                   "sizelimit": sizelimit or 0}
+            reply = _call(sock, req, [fd])
             devname = reply["devname"]
             try:
-                yield os.path.join(dev_dir, devname)
+                yield reply["path"]
             finally:
-                reply, rfds = sock.call({"method": "release", "devname": devname})
-                for extra in rfds:
-                    os.close(extra)
-                if "error" in reply:
-                    raise loop.LoopError(reply["error"])
+                _call(sock, {"method": "release", "devname": devname})
+
+    def populate(self, mounts, copies):
+        """Have the host mount and fill filesystems on attached devices.
+
+        `mounts` are (device path, fstype, mountpoint) with "/" first;
+        `copies` are (directory, [absolute paths to leave out]).
+        """
+        req = {"method": "populate",
+               "mounts": [{"devname": os.path.basename(dev), "fstype": fstype, "mountpoint": mnt}
+                          for dev, fstype, mnt in mounts],
+               "copies": [{"path": path, "exclude": list(exclude)} for path, exclude in copies]}
+        with self._connect() as sock:
+            _call(sock, req)
+
+
+def _call(sock, req, fds=None):
+    reply, rfds = sock.call(req, fds or [])
+    for extra in rfds:
+        os.close(extra)
+    if "error" in reply:
+        raise loop.LoopError(reply["error"])
+    return reply

@@ -26,7 +26,6 @@ ln etc/hello etc/hard
 echo suid > usr/bin/suid
 chmod 4755 usr/bin/suid
 chmod 1777 var/tmp
-mknod usr/bin/null c 1 3
 mkfifo usr/bin/fifo
 dd if=/dev/urandom of=usr/bin/blob bs=1M count={blob_mib} status=none
 python3 - <<'EOF'

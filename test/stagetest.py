@@ -211,8 +211,9 @@ def base_stages(tar=None):
     return [{
         "name": "org.osbuild.script",
         "options": {
+            # stages cannot create device nodes: debootstrap's /dev stays out
             "script": f"tar --numeric-owner --xattrs -xpf /run/osbuild/lib/data/{name} "
-                      f"-C \"$TREE\"  # {st.st_size}-{int(st.st_mtime)}"
+                      f"-C \"$TREE\" --exclude='./dev/*'  # {st.st_size}-{int(st.st_mtime)}"
         }
     }]
 

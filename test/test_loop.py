@@ -161,22 +161,23 @@ def server_fixture(tmp_path):
     """A running LoopServer; yields (server, socket path)."""
     api_dir = tmp_path / "api"
     api_dir.mkdir()
-    server = remoteloop.LoopServer()
+    devdir = tmp_path / "dev"
+    devdir.mkdir()
+    server = remoteloop.LoopServer(str(devdir))
     path = server.start(str(api_dir))
     yield server, path
     server.stop()
 
 
 def test_remoteloop_attach_release(image, tmp_path, server):
-    """The client gets a node in its directory; release detaches it and removes the node."""
+    """The client gets a node in the server's directory; release detaches it, removes the node."""
     srv, path = server
     devdir = tmp_path / "dev"
-    devdir.mkdir()
     before = open_fds()
     client = remoteloop.LoopClient(path)
     fd = os.open(image, os.O_RDWR)
     try:
-        with client.device(fd, offset=MIB, sizelimit=2 * MIB, dev_dir=str(devdir)) as dev:
+        with client.device(fd, offset=MIB, sizelimit=2 * MIB) as dev:
             assert os.path.dirname(dev) == str(devdir)
             assert stat.S_ISBLK(os.stat(dev).st_mode)
             assert srv.devices == [os.path.basename(dev)]
@@ -201,12 +202,10 @@ def test_remoteloop_on_tmpfs(tmp_path, server):
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm")
     _, path = server
-    devdir = tmp_path / "dev"
-    devdir.mkdir()
     fd = os.memfd_create("osbuild-test-image")
     try:
         os.ftruncate(fd, 4 * MIB)
-        with remoteloop.LoopClient(path).device(fd, dev_dir=str(devdir)) as dev:
+        with remoteloop.LoopClient(path).device(fd) as dev:
             with open(dev, "r+b") as f:
                 f.write(b"memfd")
         assert os.pread(fd, 5, 0) == b"memfd"
@@ -220,20 +219,18 @@ def test_remoteloop_stop_detaches_leftovers(image, tmp_path):
     api_dir.mkdir()
     devdir = tmp_path / "dev"
     devdir.mkdir()
-    srv = remoteloop.LoopServer()
+    srv = remoteloop.LoopServer(str(devdir))
     path = srv.start(str(api_dir))
     fd = os.open(image, os.O_RDWR)
-    dir_fd = os.open(devdir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with jsoncomm.Socket.new_client(path) as sock:
             for offset in (0, MIB):
-                reply, _ = sock.call({"method": "attach", "fd": 0, "dir_fd": 1,
-                                      "offset": offset, "sizelimit": MIB}, [fd, dir_fd])
+                reply, _ = sock.call({"method": "attach", "fd": 0,
+                                      "offset": offset, "sizelimit": MIB}, [fd])
                 assert "devname" in reply
         assert len(attached_to(image)) == 2
         assert len(os.listdir(devdir)) == 2
     finally:
-        os.close(dir_fd)
         os.close(fd)
         srv.stop()
     assert srv.devices == []
@@ -247,18 +244,13 @@ def test_remoteloop_errors(image, tmp_path, server):
     fd = os.open(image, os.O_RDWR)
     try:
         with jsoncomm.Socket.new_client(path) as sock:
-            reply, _ = sock.call({"method": "attach", "fd": 0, "dir_fd": 1}, [fd])
+            reply, _ = sock.call({"method": "attach", "fd": 1}, [fd])
             assert "error" in reply
             reply, _ = sock.call({"method": "release", "devname": "loop99999"})
             assert "not a device of this server" in reply["error"]
             reply, _ = sock.call({"method": "format-disk"})
             assert "unknown request" in reply["error"]
-            reply, _ = sock.call({"method": "attach", "fd": 0, "dir_fd": 0,
-                                  "offset": "x"}, [fd])
-            assert "error" in reply
-        # A directory that is not a directory: nothing stays attached.
-        with jsoncomm.Socket.new_client(path) as sock:
-            reply, _ = sock.call({"method": "attach", "fd": 0, "dir_fd": 1}, [fd, fd])
+            reply, _ = sock.call({"method": "attach", "fd": 0, "offset": "x"}, [fd])
             assert "error" in reply
     finally:
         os.close(fd)
@@ -267,7 +259,7 @@ def test_remoteloop_errors(image, tmp_path, server):
     null = os.open(os.devnull, os.O_RDONLY)
     try:
         with pytest.raises(loop.LoopError):
-            with remoteloop.LoopClient(path).device(null, dev_dir=str(tmp_path)):
+            with remoteloop.LoopClient(path).device(null):
                 pass
     finally:
         os.close(null)
@@ -281,3 +273,110 @@ def test_client_without_server(tmp_path):
         with client.device(0):
             pass
     assert open_fds() == before
+
+
+def _mounts():
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture(name="populate_env")
+def populate_env_fixture(tmp_path):
+    """A server that may copy from `tree` (as /c/tree) and `tmp` (as /c/tmp), an ext4 image."""
+    for name in ("api", "dev", "work", "tree", "tmp"):
+        (tmp_path / name).mkdir()
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir()
+    (tree / "etc" / "owned").write_text("owned")
+    os.chown(tree / "etc" / "owned", 12, 34)
+    os.symlink("/etc", tree / "hostetc")
+    os.setxattr(tree / "etc" / "owned", "user.osbuild", b"kept")
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(16 * MIB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    server = remoteloop.LoopServer(str(tmp_path / "dev"), work_dir=str(tmp_path / "work"),
+                                   paths=[("/c/tree", str(tree)), ("/c/tmp", str(tmp_path / "tmp"))])
+    path = server.start(str(tmp_path / "api"))
+    yield tmp_path, image, remoteloop.LoopClient(path)
+    server.stop()
+
+
+def test_populate_copies_with_owners_and_xattrs(populate_env):
+    """The host mounts the filesystem privately, copies the tree keeping owners, links and
+    xattrs, and leaves no mount behind."""
+    tmp_path, image, client = populate_env
+    before = _mounts()
+    fd = os.open(image, os.O_RDWR)
+    try:
+        with client.device(fd) as dev:
+            client.populate([(dev, "ext4", "/")], [("/c/tree", [])])
+            assert _mounts() == before
+    finally:
+        os.close(fd)
+    assert attached_to(image) == []
+    listing = subprocess.run(["debugfs", "-R", "stat /etc/owned", str(image)],
+                             capture_output=True, text=True, check=True).stdout
+    assert "User:    12" in listing and "Group:    34" in listing, listing
+    assert "user.osbuild" in listing, listing
+    link = subprocess.run(["debugfs", "-R", "stat /hostetc", str(image)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "Type: symlink" in link and 'Fast link dest: "/etc"' in link, link
+    assert os.listdir(tmp_path / "work") == []
+
+
+@pytest.mark.parametrize("path, fragment", [
+    ("/etc", "not below a directory it may copy"),
+    ("/c/tree/../../../etc", "not a normalized path"),
+    ("/c/tree/hostetc", "not a directory"),         # a symlink in the tree is not followed
+    ("c/tree", "not an absolute path"),
+    ("/c/treex", "not below a directory it may copy"),
+])
+def test_populate_refuses_paths_outside(populate_env, path, fragment):
+    """Only directories below the server's paths, reached without symlinks, are copied."""
+    _, image, client = populate_env
+    fd = os.open(image, os.O_RDWR)
+    try:
+        with client.device(fd) as dev:
+            with pytest.raises(loop.LoopError, match=fragment):
+                client.populate([(dev, "ext4", "/")], [(path, [])])
+    finally:
+        os.close(fd)
+    listing = subprocess.run(["debugfs", "-R", "ls -l /", str(image)],
+                             capture_output=True, text=True, check=True).stdout
+    assert "passwd" not in listing and "etc" not in listing, listing
+
+
+def test_populate_refuses_bad_mounts(populate_env):
+    """Devices of other servers, unknown types, relative or dotted mount points are errors."""
+    _, image, client = populate_env
+    fd = os.open(image, os.O_RDWR)
+    try:
+        with client.device(fd) as dev:
+            for mounts, fragment in [
+                    ([("/dev/sda", "ext4", "/")], "does not name a device"),
+                    ([(dev, "btrfs", "/")], "cannot mount filesystem type"),
+                    ([(dev, "ext4", "boot")], "bad mountpoint"),
+                    ([(dev, "ext4", "/boot/../..")], "bad mountpoint"),
+                    ([(dev, "ext4", "/boot")], "first mount must be '/'")]:
+                with pytest.raises(loop.LoopError, match=fragment):
+                    client.populate(mounts, [("/c/tree", [])])
+    finally:
+        os.close(fd)
+
+
+def test_populate_reports_a_full_filesystem(populate_env):
+    """A tree larger than the filesystem is a clear error, and nothing stays mounted."""
+    tmp_path, image, client = populate_env
+    with open(tmp_path / "tmp" / "big", "wb") as f:
+        f.write(os.urandom(MIB) * 20)
+    before = _mounts()
+    fd = os.open(image, os.O_RDWR)
+    try:
+        with client.device(fd) as dev:
+            with pytest.raises(loop.LoopError, match="copying the tree into the image failed"):
+                client.populate([(dev, "ext4", "/")], [("/c/tmp", [])])
+    finally:
+        os.close(fd)
+    assert _mounts() == before
+    assert attached_to(image) == []

@@ -12,6 +12,7 @@ assembler output).
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -82,6 +83,86 @@ def test_write_boundaries(tmp_path):
                  os.path.join(REPO, "osbuild"), "/etc", "/"):
         assert not os.path.exists(os.path.join(host, token))
         assert not os.path.exists(os.path.join(host, token + ".d"))
+
+
+# Each attack prints "ESCAPED <name>" when it works. They are harmless if they do:
+# the sysctl write writes what is there already, sysrq 'h' only prints help.
+ESCAPE_SCRIPT = r"""
+set +e
+ok() { echo "ESCAPED $1"; }
+sed 's/^/UIDMAP /' /proc/self/uid_map
+mount -o remount,rw /usr 2>/dev/null && ok remount-usr
+mount -o remount,rw,bind /usr 2>/dev/null && ok remount-bind-usr
+mount -o remount,rw,bind /run/osbuild/lib 2>/dev/null && ok remount-libdir
+mount -o remount,rw / 2>/dev/null && ok remount-root
+unshare -Urm sh -c 'mount -o remount,rw,bind /usr && touch /usr/.x' 2>/dev/null && ok userns-remount
+mknod /tmp/mem c 1 1 2>/dev/null && ok mknod-char
+mknod /tmp/disk b 8 0 2>/dev/null && ok mknod-block
+cat /proc/sys/kernel/core_pattern > /tmp/cp
+cat /tmp/cp > /proc/sys/kernel/core_pattern 2>/dev/null && ok sysctl-core-pattern
+mkdir /tmp/proc
+if mount -t proc proc /tmp/proc 2>/dev/null; then
+  cat /tmp/cp > /tmp/proc/sys/kernel/core_pattern 2>/dev/null && ok fresh-proc-sysctl
+  umount /tmp/proc
+fi
+echo h > /proc/sysrq-trigger 2>/dev/null && ok sysrq
+python3 - PORT <<'PYTHON'
+import ctypes, os, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+class Handle(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_uint), ("type", ctypes.c_int), ("f", ctypes.c_ubyte * 128)]
+# inode 2 is the root directory of an ext4 filesystem: the host's, if the tree is on it
+handle = Handle(8, 1)
+handle.f[:8] = list(struct.pack("<II", 2, 0))
+mount_fd = os.open("/run/osbuild/tree", os.O_RDONLY | os.O_DIRECTORY)
+fd = libc.open_by_handle_at(mount_fd, ctypes.byref(handle), os.O_RDONLY | os.O_DIRECTORY)
+if fd >= 0:
+    print("ESCAPED open_by_handle_at", sorted(os.listdir(fd))[:5])
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2).close()
+    print("ESCAPED host-tcp")
+except OSError:
+    pass
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(b"\0" + b"ABSTRACT")
+    print("ESCAPED abstract-socket")
+except OSError:
+    pass
+PYTHON
+echo done
+"""
+
+
+@pytest.mark.integration
+def test_root_in_the_container_is_not_root_on_the_host(tmp_path):
+    """Stages run as root of an unprivileged user namespace with their own network:
+    remounting read-only binds (even from a nested user namespace), mknod, host
+    sysctls, sysrq, open_by_handle_at, the host's TCP ports and abstract sockets
+    all fail."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    abstract = f"osbuild-test-{uuid.uuid4().hex}"
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(b"\0" + abstract.encode())
+    unix.listen()
+    with open("/proc/sys/kernel/core_pattern", encoding="utf-8") as f:
+        core_pattern = f.read()
+    text = ESCAPE_SCRIPT.replace("PORT", str(listener.getsockname()[1]))
+    text = text.replace("ABSTRACT", abstract)
+    store = tmp_path / "store"
+    try:
+        status, result, _, stderr = run_osbuild(store, {"pipeline": {"stages": [script(text)]}})
+    finally:
+        listener.close()
+        unix.close()
+    assert status == 0, stderr
+    output = result["stages"][0]["output"]
+    assert "done\n" in output, output
+    assert "ESCAPED" not in output, output
+    uidmap = [line.split() for line in output.splitlines() if line.startswith("UIDMAP")]
+    assert len(uidmap) == 1 and uidmap[0][1] == "0" and int(uidmap[0][2]) >= 0x10000, uidmap
+    with open("/proc/sys/kernel/core_pattern", encoding="utf-8") as f:
+        assert f.read() == core_pattern
 
 
 @pytest.mark.integration
@@ -251,3 +332,18 @@ def test_output_copy_keeps_symlinks(tmp_path):
     assert (dest / "image.raw").read_text() == "image"
     assert sorted(os.listdir(sentinel)) == ["keep"]
     assert (sentinel / "keep").read_text() == "precious"
+
+
+def test_only_declared_programs_get_the_host_network(tmp_path):
+    """STAGE_NETWORK = "host" is declared by dnf and yum only; anything else is an error."""
+    from osbuild.meta import ProgramInfo  # pylint: disable=import-outside-toplevel
+    networked = set()
+    for kind in ("stages", "assemblers"):
+        for name in os.listdir(os.path.join(REPO, kind)):
+            if name.startswith("org.osbuild.") and ProgramInfo.load(REPO, kind, name).network:
+                networked.add(name)
+    assert networked == {"org.osbuild.dnf", "org.osbuild.yum"}
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "org.osbuild.bad").write_text('STAGE_NETWORK = "yes"\n')
+    with pytest.raises(ValidationError, match="STAGE_NETWORK"):
+        ProgramInfo.load(str(tmp_path), "stages", "org.osbuild.bad")

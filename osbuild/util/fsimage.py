@@ -2,13 +2,16 @@
 
 Used by org.osbuild.qemu and org.osbuild.rawfs inside the build root
 (imported through PYTHONPATH there), so only the standard library is used
-and the programs run are the build root's.
+and the programs run are the build root's; `copy_tree` is used on the host
+by osbuild.util.populate.
 """
 
 import contextlib
+import errno
 import os
 import re
 import subprocess
+import tempfile
 
 # tar options that keep owners, modes, xattrs, ACLs and SELinux labels
 TAR_KEEP = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--selinux"]
@@ -52,6 +55,44 @@ def mkfs_argv(fstype, uuid):
     if off:
         argv += ["-O", ",".join("^" + f for f in off)]
     return argv
+
+
+def mkfs_into(argv, image_fd, offset, size, tmpdir):
+    """Run `argv` + [file] on a fresh sparse file of `size` bytes, then copy its data
+    into the open image at `offset`.
+
+    mkfs programs get a regular file, not a block device: inside the build
+    root's user namespace ioctls like BLKBSZSET (mkfs.xfs) are not allowed.
+    """
+    fd, path = tempfile.mkstemp(prefix=".mkfs-", dir=tmpdir)
+    try:
+        os.ftruncate(fd, size)
+        run(argv + [path], stdout=subprocess.DEVNULL)
+        copy_sparse(fd, image_fd, offset, size)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def copy_sparse(src_fd, dst_fd, offset, size):
+    """Copy the data (not the holes) of the first `size` bytes of `src_fd` into
+    `dst_fd` at `offset`."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src_fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:     # only a hole is left
+                return
+            raise
+        end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
+        while start < end:
+            copied = os.copy_file_range(src_fd, dst_fd, end - start,
+                                        offset_src=start, offset_dst=offset + start)
+            if copied == 0:
+                raise OSError(errno.EIO, "short copy while writing a filesystem into the image")
+            start += copied
+        pos = end
 
 
 def tree_bytes(tree, skip=()):

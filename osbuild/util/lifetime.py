@@ -9,7 +9,7 @@ container, which a SIGKILLed nspawn would otherwise leave running).
 """
 
 KILL_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--",
-                    "unshare", "--pid", "--fork", "--kill-child=KILL", "--"]
+                    "unshare", "--pid", "--mount-proc", "--fork", "--kill-child=KILL", "--"]
 
 
 def contained(argv):

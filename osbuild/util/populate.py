@@ -1,0 +1,63 @@
+"""Host helper: mount image filesystems and copy trees into them.
+
+Run by the remoteloop server (never inside a build root) as
+`unshare --mount --propagation private -- python3 -m osbuild.util.populate SPEC`,
+so the mounts exist only in a private mount namespace and vanish with the
+process even when it is killed. SPEC is JSON:
+
+    {"target": "/abs/dir",
+     "mounts": [["/dev/loop3", "ext4", "/"], ["/dev/loop4", "xfs", "/boot"]],
+     "copies": [[FD, ["/boot/efi"]], ...]}
+
+Mounts are made in order below `target` (nodev, nosuid); each copy is the
+directory open as file descriptor FD (inherited), copied with a tar pipe
+that keeps owners, modes, links, xattrs, ACLs and SELinux labels, leaving
+out the listed absolute paths. Everything is unmounted (and so written
+out) before the helper exits; the exit status says whether all worked.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from osbuild.util import fsimage
+
+
+def populate(spec):
+    """Mount, copy, unmount; returns a list of error messages (empty on success)."""
+    target = spec["target"]
+    mounted, errors = [], []
+    try:
+        for device, fstype, mountpoint in spec["mounts"]:
+            where = os.path.join(target, mountpoint.lstrip("/"))
+            os.makedirs(where, exist_ok=True)
+            res = subprocess.run(["mount", "-t", fstype, "-o", "nodev,nosuid", device, where],
+                                 check=False)
+            if res.returncode != 0:
+                return [f"mounting {fstype} for {mountpoint} failed"]
+            mounted.append(where)
+        for fd, exclude in spec["copies"]:
+            os.fchdir(fd)
+            if not fsimage.copy_tree(".", target, exclude):
+                errors.append("copying the tree into the image failed (see the tar messages; "
+                              "is the image large enough?)")
+                break
+    finally:
+        os.chdir("/")
+        for where in reversed(mounted):
+            if subprocess.run(["umount", where], check=False).returncode != 0:
+                errors.append(f"unmounting {where} failed")
+    return errors
+
+
+def main():
+    """Entry point: SPEC in argv[1]; errors on stderr; exit status 0 or 1."""
+    errors = populate(json.loads(sys.argv[1]))
+    for error in errors:
+        print(error, file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
