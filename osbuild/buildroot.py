@@ -149,12 +149,14 @@ class BuildRoot(contextlib.AbstractContextManager):
         shared = [(os.path.join(self.root, name), "/" + name) for name in _USR_DIRS
                   if os.path.isdir(os.path.join(self.root, name))
                   and not os.path.islink(os.path.join(self.root, name))]
-        shared += [(os.path.join(self.root, "etc"), "/run/osbuild/buildroot-etc"),
-                   (self.libdir, CONTAINER_LIBDIR),
-                   (os.path.dirname(os.path.abspath(osbuild.__file__)),
-                    f"{CONTAINER_PYTHON}/osbuild")]
+        shared.append((os.path.join(self.root, "etc"), "/run/osbuild/buildroot-etc"))
         argv += [f"--bind-ro={src}:{dst}" + (":idmap" if mounts.supports_idmap(src) else "")
                  for src, dst in shared]
+        # Programs and the package: never idmapped, and without what is mounted
+        # below them (the store may live inside the libdir, as in a checkout).
+        argv += [f"--bind-ro={self.libdir}:{CONTAINER_LIBDIR}:norbind",
+                 f"--bind-ro={os.path.dirname(os.path.abspath(osbuild.__file__))}:"
+                 f"{CONTAINER_PYTHON}/osbuild:norbind"]
         return argv
 
     def run(self, kind, name, args, binds=(), ro_binds=(), apis=(), monitor=None,

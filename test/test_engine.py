@@ -266,3 +266,22 @@ def test_ctrl_c_during_stage(store, tmp_path):
     assert state == {"objects": [], "refs": [], "tmp": []}
     with open("/proc/mounts", encoding="utf-8") as f:
         assert str(store) not in f.read()
+
+
+@pytest.mark.integration
+def test_store_inside_the_libdir(tmp_path):
+    """As in a checkout with the default store: the libdir bind must not drag the store's
+    live mounts into the container (it is not recursive, and never idmapped)."""
+    store = os.path.join(REPO, f".osbuild-test-{os.getpid()}-{time.time_ns()}")
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"pipeline": {
+        "stages": [script("mkdir -p etc && echo inside > etc/where && chown 7:8 etc/where")],
+        "assembler": {"name": "org.osbuild.tar", "options": {"filename": "t.tar"}}}}))
+    try:
+        res = run_osbuild(path, store, "--output-directory", tmp_path / "out")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        listing = subprocess.run(["tar", "-tvf", tmp_path / "out" / "t.tar", "--numeric-owner"],
+                                 capture_output=True, text=True, check=True).stdout
+        assert " 7/8 " in listing, listing
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", store], check=True)
