@@ -380,3 +380,20 @@ def test_populate_reports_a_full_filesystem(populate_env):
         os.close(fd)
     assert _mounts() == before
     assert attached_to(image) == []
+
+
+def test_populate_refuses_a_filesystem_its_fsck_rejects(populate_env):
+    """The host mounts only filesystems its own e2fsck accepts: a crafted image is refused."""
+    _, image, client = populate_env
+    with open(image, "r+b") as f:
+        f.seek(1024 + 0x14)              # s_first_data_block of the superblock
+        f.write(b"\xff\xff\x00\x00")
+    before = _mounts()
+    fd = os.open(image, os.O_RDWR)
+    try:
+        with client.device(fd) as dev:
+            with pytest.raises(loop.LoopError, match="fails the host's check"):
+                client.populate([(dev, "ext4", "/")], [("/c/tree", [])])
+    finally:
+        os.close(fd)
+    assert _mounts() == before

@@ -9,7 +9,10 @@ process even when it is killed. SPEC is JSON:
      "mounts": [["/dev/loop3", "ext4", "/"], ["/dev/loop4", "xfs", "/boot"]],
      "copies": [[FD, ["/boot/efi"]], ...]}
 
-Mounts are made in order below `target` (nodev, nosuid); each copy is the
+Each filesystem is first checked read-only with the host's own fsck (the
+build root made it, so the host kernel mounts only what e2fsck/xfs_repair
+accept), then mounted in order below `target` (nodev, nosuid, nosymfollow,
+so nothing in the image can redirect a path). Each copy is the
 directory open as file descriptor FD (inherited), copied with a tar pipe
 that keeps owners, modes, links, xattrs, ACLs and SELinux labels, leaving
 out the listed absolute paths. Everything is unmounted (and so written
@@ -23,17 +26,27 @@ import sys
 
 from osbuild.util import fsimage
 
+# read-only consistency checks; exit status 0 means clean
+FSCK = {"ext4": ["e2fsck", "-f", "-n"], "xfs": ["xfs_repair", "-n"]}
+
 
 def populate(spec):
     """Mount, copy, unmount; returns a list of error messages (empty on success)."""
     target = spec["target"]
     mounted, errors = [], []
+    for device, fstype, mountpoint in spec["mounts"]:
+        check = subprocess.run(FSCK[fstype] + [device], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, check=False)
+        if check.returncode != 0:
+            return [f"the {fstype} filesystem for {mountpoint} fails the host's check "
+                    f"({' '.join(FSCK[fstype])}): "
+                    + " ".join(check.stderr.decode(errors="replace").split()[-20:])]
     try:
         for device, fstype, mountpoint in spec["mounts"]:
             where = os.path.join(target, mountpoint.lstrip("/"))
             os.makedirs(where, exist_ok=True)
-            res = subprocess.run(["mount", "-t", fstype, "-o", "nodev,nosuid", device, where],
-                                 check=False)
+            res = subprocess.run(["mount", "-t", fstype, "-o", "nodev,nosuid,nosymfollow",
+                                  device, where], check=False)
             if res.returncode != 0:
                 return [f"mounting {fstype} for {mountpoint} failed"]
             mounted.append(where)
