@@ -37,6 +37,7 @@ import threading
 
 from osbuild import api, loop
 from osbuild.util import jsoncomm
+from osbuild.util.lifetime import contained
 
 POPULATE_FSTYPES = ("ext4", "xfs")
 _MOUNTPOINT_RE = re.compile(r"^/([^/\0]+(/[^/\0]+)*)?$")
@@ -192,13 +193,15 @@ class LoopServer(api.BaseAPI):
 
 
 def _run_helper(spec, fds):
-    """Run osbuild.util.populate in a private mount namespace that dies with us."""
+    """Run osbuild.util.populate in private mount and PID namespaces that die with us.
+
+    Killing osbuild kills the helper (and with it its tar processes, being
+    PID 1 of its namespace), and the mounts vanish with the namespace.
+    """
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
            "PYTHONPATH": package_parent}
-    argv = ["setpriv", "--pdeathsig", "KILL", "--",
-            "unshare", "--mount", "--propagation", "private", "--",
-            sys.executable, "-S", "-m", "osbuild.util.populate", json.dumps(spec)]
+    argv = contained([sys.executable, "-S", "-m", "osbuild.util.populate", json.dumps(spec)])
     return subprocess.run(argv, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
 

@@ -428,3 +428,48 @@ def test_object_on_missing_base_leaves_nothing(tmp_path):
     with pytest.raises(StoreError):
         Object(store, "0" * 64)
     assert tmp_entries(store.path) == []
+
+
+def test_sigkill_while_the_host_fills_an_image(tmp_path):
+    """osbuild killed while the host's populate helper copies the tree into a mounted image:
+    the helper dies too, its private mounts go with it and the loop devices detach."""
+    token = f"populate{uuid.uuid4().hex[:12]}"
+    store = tmp_path / "store"
+    stages = [{"name": "org.osbuild.script", "options": {
+        "script": f"mkdir -p boot/grub && head -c 400M /dev/urandom > blob  # {token}"}}]
+    desc = {"pipeline": {"stages": stages, "assembler": {"name": "org.osbuild.qemu", "options": {
+        "format": "raw", "filename": f"{token}.img", "size": 1 << 30,
+        "root_fs_uuid": "6e4ff95f-f662-45ee-a82a-bdf44a2d0b75", "bootloader": {"type": "none"}}}}}
+    path = write_manifest(tmp_path / "manifest.json", desc)
+    argv = [a for a in osbuild_cmd(store, path) if a != "--json"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "copying the tree" in line:
+                break
+        deadline = time.monotonic() + 10
+        while not _copying(store) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _copying(store), "".join(seen[-20:])
+        assert proc.poll() is None, "".join(seen[-20:])
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    time.sleep(0.1)   # the helper and its tar die with osbuild, long before the copy ends
+    assert processes_mentioning("osbuild.util.populate") == []
+    assert not _copying(store)
+    deadline = time.monotonic() + 15
+    while loops_backed_under(tmp_path, markers=[token]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(tmp_path, markers=[token]) == {}
+    check_store(store)
+
+
+def _copying(store):
+    """Whether the host's tar is extracting into an image mounted below the store."""
+    return any("tar --extract" in argv for _, argv in processes_mentioning(str(store)))

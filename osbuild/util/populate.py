@@ -1,9 +1,9 @@
 """Host helper: mount image filesystems and copy trees into them.
 
-Run by the remoteloop server (never inside a build root) as
-`unshare --mount --propagation private -- python3 -m osbuild.util.populate SPEC`,
-so the mounts exist only in a private mount namespace and vanish with the
-process even when it is killed. SPEC is JSON:
+Run by the remoteloop server (never inside a build root) through
+`lifetime.contained()`, i.e. in private mount and PID namespaces, so the
+mounts exist only there and vanish with the process even when it is killed.
+SPEC is JSON:
 
     {"target": "/abs/dir",
      "mounts": [["/dev/loop3", "ext4", "/"], ["/dev/loop4", "xfs", "/boot"]],
