@@ -152,8 +152,8 @@ class ObjectStore:
         try:
             for d in (self.path, self.objects, self.refs, self.tmp, self.sources, self.index):
                 os.makedirs(d, exist_ok=True)
-            probe = tempfile.mkdtemp(dir=self.tmp, prefix="probe-")
-            os.rmdir(probe)
+            # a known prefix: if we die right here, the next run removes it
+            WorkDir(self.tmp, "work-probe-").cleanup()
         except OSError as e:
             raise StoreError(f"cannot use store {self.path}: {e.strerror}") from None
         # Work directories of builds that died (SIGKILL, power loss, ...).
