@@ -106,7 +106,10 @@ class BuildRoot(contextlib.AbstractContextManager):
         self.cleanup()
 
     def loop_server(self, tree):
-        """A remoteloop server for a program that gets `tree` at CONTAINER_TREE."""
+        """A remoteloop server for a program that gets `tree` at CONTAINER_TREE.
+
+        The program also needs the bind `(self.dev, CONTAINER_DEV)` for the nodes.
+        """
         return LoopServer(self.dev, CONTAINER_DEV, work_dir=self.dir,
                           paths=[(CONTAINER_TREE, tree), ("/tmp", self.tmp)])
 
@@ -133,7 +136,7 @@ class BuildRoot(contextlib.AbstractContextManager):
         if not network:
             argv.append("--private-network")
         binds = [(self.etc, "/etc"), (self.var, "/var"), (self.tmp, "/tmp"),
-                 (self.home, "/root"), (self.dev, CONTAINER_DEV), (api_dir, "/run/osbuild/api"),
+                 (self.home, "/root"), (api_dir, "/run/osbuild/api"),
                  *binds]
         # idmap: uid N inside is uid N on disk, so trees keep their real owners.
         mounts = idmap.MountTable()

@@ -4,7 +4,7 @@ import hashlib
 import json
 import os
 
-from osbuild.buildroot import BuildRoot, CONTAINER_TREE
+from osbuild.buildroot import BuildRoot, CONTAINER_DEV, CONTAINER_TREE
 from osbuild.meta import ProgramInfo
 from osbuild.objectstore import Object
 from osbuild.util.workdir import WorkDir
@@ -100,7 +100,7 @@ class Assembler(Stage):
         ctx.announce(self)
         args = {"tree": CONTAINER_TREE, "output_dir": CONTAINER_OUTPUT, "options": self.options}
         res = buildroot.run(self.kind, self.name, args,
-                            binds=[(output_dir, CONTAINER_OUTPUT)],
+                            binds=[(output_dir, CONTAINER_OUTPUT), (buildroot.dev, CONTAINER_DEV)],
                             ro_binds=[(tree, CONTAINER_TREE)],
                             apis=[buildroot.loop_server(tree)], monitor=ctx.monitor)
         return _result(self, res)

@@ -106,6 +106,7 @@ if mount -t proc proc /tmp/proc 2>/dev/null; then
   umount /tmp/proc
 fi
 echo h > /proc/sysrq-trigger 2>/dev/null && ok sysrq
+[ -e /run/osbuild/dev ] && ok loop-node-directory-in-a-stage
 python3 - PORT <<'PYTHON'
 import ctypes, os, socket, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
