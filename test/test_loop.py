@@ -1,5 +1,6 @@
 """osbuild.loop (ioctls) and osbuild.remoteloop (the API the assemblers use)."""
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -280,6 +281,17 @@ def _mounts():
         return f.read()
 
 
+@contextlib.contextmanager
+def _attached(client, image):
+    """The image attached through `client`; yields the device path."""
+    fd = os.open(image, os.O_RDWR)
+    try:
+        with client.device(fd) as dev:
+            yield dev
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture(name="populate_env")
 def populate_env_fixture(tmp_path):
     """A server that may copy from `tree` (as /c/tree) and `tmp` (as /c/tmp), an ext4 image."""
@@ -307,13 +319,9 @@ def test_populate_copies_with_owners_and_xattrs(populate_env):
     xattrs, and leaves no mount behind."""
     tmp_path, image, client = populate_env
     before = _mounts()
-    fd = os.open(image, os.O_RDWR)
-    try:
-        with client.device(fd) as dev:
-            client.populate([(dev, "ext4", "/")], [("/c/tree", [])])
-            assert _mounts() == before
-    finally:
-        os.close(fd)
+    with _attached(client, image) as dev:
+        client.populate([(dev, "ext4", "/")], [("/c/tree", [])])
+        assert _mounts() == before
     assert attached_to(image) == []
     listing = subprocess.run(["debugfs", "-R", "stat /etc/owned", str(image)],
                              capture_output=True, text=True, check=True).stdout
@@ -335,13 +343,9 @@ def test_populate_copies_with_owners_and_xattrs(populate_env):
 def test_populate_refuses_paths_outside(populate_env, path, fragment):
     """Only directories below the server's paths, reached without symlinks, are copied."""
     _, image, client = populate_env
-    fd = os.open(image, os.O_RDWR)
-    try:
-        with client.device(fd) as dev:
-            with pytest.raises(loop.LoopError, match=fragment):
-                client.populate([(dev, "ext4", "/")], [(path, [])])
-    finally:
-        os.close(fd)
+    with _attached(client, image) as dev:
+        with pytest.raises(loop.LoopError, match=fragment):
+            client.populate([(dev, "ext4", "/")], [(path, [])])
     listing = subprocess.run(["debugfs", "-R", "ls -l /", str(image)],
                              capture_output=True, text=True, check=True).stdout
     assert "passwd" not in listing and "etc" not in listing, listing
@@ -350,19 +354,15 @@ def test_populate_refuses_paths_outside(populate_env, path, fragment):
 def test_populate_refuses_bad_mounts(populate_env):
     """Devices of other servers, unknown types, relative or dotted mount points are errors."""
     _, image, client = populate_env
-    fd = os.open(image, os.O_RDWR)
-    try:
-        with client.device(fd) as dev:
-            for mounts, fragment in [
-                    ([("/dev/sda", "ext4", "/")], "does not name a device"),
-                    ([(dev, "btrfs", "/")], "cannot mount filesystem type"),
-                    ([(dev, "ext4", "boot")], "bad mountpoint"),
-                    ([(dev, "ext4", "/boot/../..")], "bad mountpoint"),
-                    ([(dev, "ext4", "/boot")], "first mount must be '/'")]:
-                with pytest.raises(loop.LoopError, match=fragment):
-                    client.populate(mounts, [("/c/tree", [])])
-    finally:
-        os.close(fd)
+    with _attached(client, image) as dev:
+        for mounts, fragment in [
+                ([("/dev/sda", "ext4", "/")], "does not name a device"),
+                ([(dev, "btrfs", "/")], "cannot mount filesystem type"),
+                ([(dev, "ext4", "boot")], "bad mountpoint"),
+                ([(dev, "ext4", "/boot/../..")], "bad mountpoint"),
+                ([(dev, "ext4", "/boot")], "first mount must be '/'")]:
+            with pytest.raises(loop.LoopError, match=fragment):
+                client.populate(mounts, [("/c/tree", [])])
 
 
 def test_populate_reports_a_full_filesystem(populate_env):
@@ -371,13 +371,9 @@ def test_populate_reports_a_full_filesystem(populate_env):
     with open(tmp_path / "tmp" / "big", "wb") as f:
         f.write(os.urandom(MIB) * 20)
     before = _mounts()
-    fd = os.open(image, os.O_RDWR)
-    try:
-        with client.device(fd) as dev:
-            with pytest.raises(loop.LoopError, match="copying the tree into the image failed"):
-                client.populate([(dev, "ext4", "/")], [("/c/tmp", [])])
-    finally:
-        os.close(fd)
+    with _attached(client, image) as dev:
+        with pytest.raises(loop.LoopError, match="copying the tree into the image failed"):
+            client.populate([(dev, "ext4", "/")], [("/c/tmp", [])])
     assert _mounts() == before
     assert attached_to(image) == []
 
@@ -389,11 +385,7 @@ def test_populate_refuses_a_filesystem_its_fsck_rejects(populate_env):
         f.seek(1024 + 0x14)              # s_first_data_block of the superblock
         f.write(b"\xff\xff\x00\x00")
     before = _mounts()
-    fd = os.open(image, os.O_RDWR)
-    try:
-        with client.device(fd) as dev:
-            with pytest.raises(loop.LoopError, match="fails the host's check"):
-                client.populate([(dev, "ext4", "/")], [("/c/tree", [])])
-    finally:
-        os.close(fd)
+    with _attached(client, image) as dev:
+        with pytest.raises(loop.LoopError, match="fails the host's check"):
+            client.populate([(dev, "ext4", "/")], [("/c/tree", [])])
     assert _mounts() == before
