@@ -110,8 +110,11 @@ class BuildRoot(contextlib.AbstractContextManager):
 
         The program also needs the bind `(self.dev, CONTAINER_DEV)` for the nodes.
         """
-        return LoopServer(self.dev, CONTAINER_DEV, work_dir=self.dir,
-                          paths=[(CONTAINER_TREE, tree), ("/tmp", self.tmp)])
+        paths = [(CONTAINER_TREE, tree)]
+        usr = os.path.join(self.root, "usr")
+        if os.path.isdir(usr) and not os.path.islink(usr):   # bound read-only as /usr
+            paths.append(("/usr", usr))
+        return LoopServer(self.dev, CONTAINER_DEV, work_dir=self.dir, paths=paths)
 
     def cleanup(self):
         """Remove the build root's directory."""

@@ -9,10 +9,10 @@ devices with its own tools, then asks the host to populate them: the host
 mounts them (in a private mount namespace of a helper process, see
 osbuild/util/populate.py) and copies directories of the container into them
 with its own tar. Only paths below the directories the server was given
-(the tree, the container's /tmp) can be copied, and they are resolved
-without following symbolic links. On release the host flushes and detaches
-the device and removes its node; whatever is still attached when the
-server stops is released then.
+(the tree and the build root's /usr, both read-only to the container) can be
+copied, and they are resolved without following symbolic links. On
+release the host flushes and detaches the device and removes its node;
+whatever is still attached when the server stops is released then.
 
 Requests and replies (osbuild.util.jsoncomm messages):
 
@@ -20,7 +20,13 @@ Requests and replies (osbuild.util.jsoncomm messages):
         fds [image]  ->  {"devname": "loop3", "path": "/run/osbuild/dev/loop3"}
     {"method": "populate",
      "mounts": [{"devname": "loop3", "fstype": "ext4", "mountpoint": "/"}, ...],
-     "copies": [{"path": "/run/osbuild/tree", "exclude": ["/boot/efi"]}, ...]}  ->  {}
+     "copies": [{"path": "/run/osbuild/tree", "exclude": ["/boot/efi"]},
+                {"path": "/usr/lib/grub/i386-pc", "dest": "/boot/grub/i386-pc",
+                 "include": ["*.mod", "*.lst"]}, ...]}  ->  {}
+
+A copy puts the directory's contents below `dest` (default "/") of the
+mounted filesystems, leaving out the `exclude` paths; with `include` only
+the directory's entries whose names match one of the patterns.
     {"method": "release", "devname": "loop3"}  ->  {}
 
 Any failure is answered as {"error": MESSAGE}.
@@ -148,8 +154,16 @@ class LoopServer(api.BaseAPI):
                 if not isinstance(exclude, list) or \
                         not all(isinstance(e, str) and _MOUNTPOINT_RE.match(e) for e in exclude):
                     raise loop.LoopError(f"populate: bad exclude list {exclude!r}")
+                dest = c.get("dest", "/")
+                if not isinstance(dest, str) or not _MOUNTPOINT_RE.match(dest) or \
+                        ".." in dest.split("/"):
+                    raise loop.LoopError(f"populate: bad destination {dest!r}")
+                include = c.get("include")
+                if include is not None and (not isinstance(include, list) or not all(
+                        isinstance(i, str) and i and "/" not in i for i in include)):
+                    raise loop.LoopError(f"populate: bad include list {include!r}")
                 fds.append(self._open_source(c.get("path")))
-                spec_copies.append([fds[-1], exclude])
+                spec_copies.append([fds[-1], exclude, dest, include])
             with tempfile.TemporaryDirectory(prefix="populate-", dir=self.work_dir) as target:
                 spec = {"target": target, "mounts": spec_mounts, "copies": spec_copies}
                 res = _run_helper(spec, fds)
@@ -262,12 +276,13 @@ class LoopClient:  # pylint: disable=too-few-public-methods
         """Have the host mount and fill filesystems on attached devices.
 
         `mounts` are (device path, fstype, mountpoint) with "/" first;
-        `copies` are (directory, [absolute paths to leave out]).
+        `copies` are dicts with "path" and optionally "exclude", "dest",
+        "include" (see the module's description).
         """
         req = {"method": "populate",
                "mounts": [{"devname": os.path.basename(dev), "fstype": fstype, "mountpoint": mnt}
                           for dev, fstype, mnt in mounts],
-               "copies": [{"path": path, "exclude": list(exclude)} for path, exclude in copies]}
+               "copies": list(copies)}
         with self._connect() as sock:
             _call(sock, req)
 

@@ -320,7 +320,7 @@ def test_populate_copies_with_owners_and_xattrs(populate_env):
     tmp_path, image, client = populate_env
     before = _mounts()
     with _attached(client, image) as dev:
-        client.populate([(dev, "ext4", "/")], [("/c/tree", [])])
+        client.populate([(dev, "ext4", "/")], [{"path": "/c/tree"}])
         assert _mounts() == before
     assert attached_to(image) == []
     listing = subprocess.run(["debugfs", "-R", "stat /etc/owned", str(image)],
@@ -345,7 +345,7 @@ def test_populate_refuses_paths_outside(populate_env, path, fragment):
     _, image, client = populate_env
     with _attached(client, image) as dev:
         with pytest.raises(loop.LoopError, match=fragment):
-            client.populate([(dev, "ext4", "/")], [(path, [])])
+            client.populate([(dev, "ext4", "/")], [{"path": path}])
     listing = subprocess.run(["debugfs", "-R", "ls -l /", str(image)],
                              capture_output=True, text=True, check=True).stdout
     assert "passwd" not in listing and "etc" not in listing, listing
@@ -362,7 +362,7 @@ def test_populate_refuses_bad_mounts(populate_env):
                 ([(dev, "ext4", "/boot/../..")], "bad mountpoint"),
                 ([(dev, "ext4", "/boot")], "first mount must be '/'")]:
             with pytest.raises(loop.LoopError, match=fragment):
-                client.populate(mounts, [("/c/tree", [])])
+                client.populate(mounts, [{"path": "/c/tree"}])
 
 
 def test_populate_reports_a_full_filesystem(populate_env):
@@ -373,7 +373,7 @@ def test_populate_reports_a_full_filesystem(populate_env):
     before = _mounts()
     with _attached(client, image) as dev:
         with pytest.raises(loop.LoopError, match="copying the tree into the image failed"):
-            client.populate([(dev, "ext4", "/")], [("/c/tmp", [])])
+            client.populate([(dev, "ext4", "/")], [{"path": "/c/tmp"}])
     assert _mounts() == before
     assert attached_to(image) == []
 
@@ -387,5 +387,26 @@ def test_populate_refuses_a_filesystem_its_fsck_rejects(populate_env):
     before = _mounts()
     with _attached(client, image) as dev:
         with pytest.raises(loop.LoopError, match="fails the host's check"):
-            client.populate([(dev, "ext4", "/")], [("/c/tree", [])])
+            client.populate([(dev, "ext4", "/")], [{"path": "/c/tree"}])
     assert _mounts() == before
+
+
+def test_populate_dest_and_include(populate_env):
+    """A copy can go below a destination and take only the entries matching patterns."""
+    tmp_path, image, client = populate_env
+    mods = tmp_path / "tree" / "mods"
+    mods.mkdir()
+    for name in ("a.mod", "b.lst", "skip.exec"):
+        (mods / name).write_text(name)
+    with _attached(client, image) as dev:
+        client.populate([(dev, "ext4", "/")], [
+            {"path": "/c/tree/mods", "dest": "/boot/grub/i386-pc", "include": ["*.mod", "*.lst"]}])
+        for bad, fragment in [({"dest": "boot"}, "bad destination"),
+                              ({"dest": "/boot/../.."}, "bad destination"),
+                              ({"include": ["../x"]}, "bad include list"),
+                              ({"include": "*.mod"}, "bad include list")]:
+            with pytest.raises(loop.LoopError, match=fragment):
+                client.populate([(dev, "ext4", "/")], [{"path": "/c/tree/mods", **bad}])
+    listing = subprocess.run(["debugfs", "-R", "ls /boot/grub/i386-pc", str(image)],
+                             capture_output=True, text=True, check=True).stdout
+    assert "a.mod" in listing and "b.lst" in listing and "skip.exec" not in listing, listing

@@ -106,16 +106,17 @@ def tree_bytes(tree, skip=()):
     return total
 
 
-def copy_tree(tree, target, exclude=()):
+def copy_tree(tree, target, exclude=(), members=(".",)):
     """Copy `tree` into the mounted filesystem(s) below `target` with a tar pipe.
 
     Owners, modes, hard and symbolic links, device nodes, xattrs, ACLs and
     SELinux labels are kept. `exclude` holds absolute paths within the tree
-    to leave out. Returns False when either tar failed (tar has printed why).
+    to leave out; `members` are the entries of `tree` to copy (all of it).
+    Returns False when either tar failed (tar has printed why).
     """
     excludes = ["--anchored"] + [f"--exclude=.{path}" for path in exclude] if exclude else []
     with subprocess.Popen(["tar", "--create", "--file", "-", "--directory", tree, *TAR_KEEP,
-                           *excludes, "."], stdout=subprocess.PIPE) as packer:
+                           *excludes, "--", *members], stdout=subprocess.PIPE) as packer:
         unpack = subprocess.run(["tar", "--extract", "--file", "-", "--directory", target,
                                  "--preserve-permissions", "--same-owner", *TAR_KEEP],
                                 stdin=packer.stdout, check=False)

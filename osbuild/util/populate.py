@@ -7,18 +7,21 @@ SPEC is JSON:
 
     {"target": "/abs/dir",
      "mounts": [["/dev/loop3", "ext4", "/"], ["/dev/loop4", "xfs", "/boot"]],
-     "copies": [[FD, ["/boot/efi"]], ...]}
+     "copies": [[FD, ["/boot/efi"], "/", null], [FD, [], "/boot/grub/i386-pc", ["*.mod"]]]}
 
 Each filesystem is first checked read-only with the host's own fsck (the
 build root made it, so the host kernel mounts only what e2fsck/xfs_repair
 accept), then mounted in order below `target` (nodev, nosuid, nosymfollow,
 so nothing in the image can redirect a path). Each copy is the
-directory open as file descriptor FD (inherited), copied with a tar pipe
-that keeps owners, modes, links, xattrs, ACLs and SELinux labels, leaving
-out the listed absolute paths. Everything is unmounted (and so written
-out) before the helper exits; the exit status says whether all worked.
+directory open as file descriptor FD (inherited), copied below the given
+destination with a tar pipe that keeps owners, modes, links, xattrs, ACLs
+and SELinux labels, leaving out the listed absolute paths; with patterns,
+only the directory's entries whose names match one are copied. Everything
+is unmounted (and so written out) before the helper exits; the exit status
+says whether all worked.
 """
 
+import fnmatch
 import json
 import os
 import subprocess
@@ -50,9 +53,13 @@ def populate(spec):
             if res.returncode != 0:
                 return [f"mounting {fstype} for {mountpoint} failed"]
             mounted.append(where)
-        for fd, exclude in spec["copies"]:
+        for fd, exclude, dest, include in spec["copies"]:
             os.fchdir(fd)
-            if not fsimage.copy_tree(".", target, exclude):
+            where = os.path.join(target, dest.lstrip("/"))
+            os.makedirs(where, exist_ok=True)
+            members = ["."] if include is None else sorted(
+                n for n in os.listdir(".") if any(fnmatch.fnmatchcase(n, p) for p in include))
+            if members and not fsimage.copy_tree(".", where, exclude, members):
                 errors.append("copying the tree into the image failed (see the tar messages; "
                               "is the image large enough?)")
                 break
