@@ -5,6 +5,7 @@ with `ast`, without running it.
 """
 
 import ast
+import functools
 import json
 import os
 import re
@@ -53,6 +54,12 @@ def _string_assignment(node):
             and isinstance(value, ast.Constant) and isinstance(value.value, str):
         return target.id, value.value
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def uses_host_network(libdir, kind, name):
+    """Whether the program declares STAGE_NETWORK = "host" (read once per process)."""
+    return ProgramInfo.load(libdir, kind, name).network
 
 
 class ProgramInfo:

@@ -5,7 +5,7 @@ import json
 import os
 
 from osbuild.buildroot import BuildRoot, CONTAINER_DEV, CONTAINER_TREE
-from osbuild.meta import ProgramInfo
+from osbuild.meta import uses_host_network
 from osbuild.objectstore import Object
 from osbuild.util.workdir import WorkDir
 
@@ -80,7 +80,7 @@ class Stage:
                                    sources_dir, ctx.secrets)
             args = {"tree": CONTAINER_TREE, "sources": CONTAINER_SOURCES,
                     "options": self.options}
-            network = ProgramInfo.load(ctx.libdir, self.kind, self.name).network
+            network = uses_host_network(ctx.libdir, self.kind, self.name)
             res = buildroot.run(self.kind, self.name, args,
                                 binds=[(tree, CONTAINER_TREE)],
                                 ro_binds=[(sources_dir, CONTAINER_SOURCES)],

@@ -214,14 +214,10 @@ def test_remoteloop_on_tmpfs(tmp_path, server):
         os.close(fd)
 
 
-def test_remoteloop_stop_detaches_leftovers(image, tmp_path):
+def test_remoteloop_stop_detaches_leftovers(image, tmp_path, server):
     """stop() detaches what clients never released, and removes their nodes."""
-    api_dir = tmp_path / "api"
-    api_dir.mkdir()
+    srv, path = server
     devdir = tmp_path / "dev"
-    devdir.mkdir()
-    srv = remoteloop.LoopServer(str(devdir))
-    path = srv.start(str(api_dir))
     fd = os.open(image, os.O_RDWR)
     try:
         with jsoncomm.Socket.new_client(path) as sock:
