@@ -5,13 +5,28 @@ Every API is a Unix SOCK_SEQPACKET socket in the build root's API directory
 before the container starts, so a program never races its server.
 """
 
+import json
 import os
 import select
 import threading
+import time
 
 from osbuild.util import jsoncomm
 
 API_DIR = "/run/osbuild/api"
+
+
+# Connections one server serves at a time; more are answered with an error
+# and closed. A program needs one or two.
+MAX_CONNECTIONS = 32
+# How much of a bad request an error reply quotes.
+_QUOTE = 200
+
+
+def quote(value):
+    """A short printable form of a client's value for an error message."""
+    text = repr(value)
+    return text if len(text) <= _QUOTE else text[:_QUOTE] + "..."
 
 
 class BaseAPI:
@@ -20,6 +35,10 @@ class BaseAPI:
     Subclasses set `endpoint` and implement `_message(msg, fds, sock)`, which
     handles one request and answers it with `sock.send(...)`. The request's
     file descriptors are closed after `_message` returns.
+
+    Clients are not trusted: at most MAX_CONNECTIONS are served at once, a
+    message jsoncomm refuses is answered with a one-line {"error": ...},
+    and so is any failure of a handler; nothing reaches the host's stderr.
     """
 
     endpoint = None
@@ -28,7 +47,8 @@ class BaseAPI:
         self._server = None
         self._thread = None
         self._wake_r = self._wake_w = None
-        self._workers = []
+        self._workers = {}      # thread -> its connection
+        self._workers_lock = threading.Lock()
         self.path = None
 
     def start(self, api_dir):
@@ -44,15 +64,21 @@ class BaseAPI:
     def stop(self):
         """Stop serving and wait for the handlers to finish.
 
-        Also safe after a `start()` that was interrupted half-way (Ctrl-C).
+        Connections still open are shut down, so a client that never hangs
+        up does not hold the host. Also safe after a `start()` that was
+        interrupted half-way (Ctrl-C).
         """
         thread, self._thread = self._thread, None
         if thread is not None and thread.ident is not None:
             os.write(self._wake_w, b"x")
             thread.join()
-        for worker in self._workers:
+        with self._workers_lock:
+            workers = list(self._workers.items())
+        for worker, conn in workers:
+            conn.shutdown()
             worker.join(timeout=10)
-        self._workers = []
+        with self._workers_lock:
+            self._workers.clear()
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -67,35 +93,79 @@ class BaseAPI:
     def __exit__(self, *exc):
         self.stop()
 
+    @property
+    def connections(self):
+        """How many connections are being served now."""
+        with self._workers_lock:
+            return len(self._workers)
+
     def _serve(self):
         while True:
             ready, _, _ = select.select([self._server.fileno(), self._wake_r], [], [])
             if self._wake_r in ready:
                 return
-            conn = self._server.accept()
-            worker = threading.Thread(target=self._serve_connection, args=(conn,), daemon=True)
-            self._workers.append(worker)
+            try:
+                conn = self._server.accept()
+            except OSError:         # the client went away, or no fds left (EMFILE)
+                time.sleep(0.01)
+                continue
+            with self._workers_lock:
+                busy = len(self._workers) >= MAX_CONNECTIONS
+                if not busy:
+                    worker = threading.Thread(target=self._serve_connection, args=(conn,),
+                                              name=f"api-{self.endpoint}-conn", daemon=True)
+                    self._workers[worker] = conn
+            if busy:
+                with conn:
+                    _send_quietly(conn, {"error": f"{self.endpoint}: too many connections "
+                                                  f"(at most {MAX_CONNECTIONS})"})
+                continue
             worker.start()
 
     def _serve_connection(self, conn):
-        with conn:
-            while True:
-                try:
-                    msg, fds = conn.recv()
-                except (jsoncomm.ProtocolError, OSError):
+        try:
+            with conn:
+                self._converse(conn)
+        finally:
+            with self._workers_lock:
+                self._workers.pop(threading.current_thread(), None)
+
+    def _converse(self, conn):
+        while True:
+            try:
+                msg, fds = conn.recv()
+            except jsoncomm.ProtocolError as e:
+                if not _send_quietly(conn, {"error": f"{self.endpoint}: {e}"}):
                     return
-                if msg is None:
+                continue
+            except OSError:
+                return
+            if msg is None:
+                return
+            try:
+                self._message(msg, fds, conn)
+            except OSError:
+                return
+            except Exception as e:  # pylint: disable=broad-exception-caught
+                # a handler's bug must not print a traceback on the host nor kill the build
+                if not _send_quietly(conn, {"error": f"{self.endpoint}: cannot handle "
+                                                     f"{quote(msg)}: {type(e).__name__}: {e}"}):
                     return
-                try:
-                    self._message(msg, fds, conn)
-                except OSError:
-                    return
-                finally:
-                    for fd in fds:
-                        os.close(fd)
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
     def _message(self, msg, fds, sock):
         raise NotImplementedError
+
+
+def _send_quietly(conn, reply):
+    """Send `reply`; False when the client is gone."""
+    try:
+        conn.send(reply)
+        return True
+    except OSError:
+        return False
 
 
 class OsbuildAPI(BaseAPI):
@@ -115,15 +185,10 @@ class OsbuildAPI(BaseAPI):
 
     def _message(self, msg, fds, sock):
         if not isinstance(msg, dict) or msg.get("method") != "setup-stdio":
-            sock.send({"error": f"unknown request: {msg!r}"})
+            sock.send({"error": f"unknown request: {quote(msg)}"})
             return
-        memfd = os.memfd_create("osbuild-arguments", os.MFD_CLOEXEC)
+        memfd = jsoncomm.sealed_memfd(json.dumps(self.args).encode("utf-8"), "osbuild-arguments")
         try:
-            data = jsoncomm.json.dumps(self.args).encode("utf-8")
-            view = memoryview(data)
-            while view:
-                view = view[os.write(memfd, view):]
-            os.lseek(memfd, 0, os.SEEK_SET)
             sock.send({"type": "fds"}, [memfd, self.output_fd, self.output_fd])
         finally:
             os.close(memfd)

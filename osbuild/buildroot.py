@@ -105,16 +105,18 @@ class BuildRoot(contextlib.AbstractContextManager):
     def __exit__(self, *exc):
         self.cleanup()
 
-    def loop_server(self, tree):
+    def loop_server(self, tree, output_dir):
         """A remoteloop server for a program that gets `tree` at CONTAINER_TREE.
 
-        The program also needs the bind `(self.dev, CONTAINER_DEV)` for the nodes.
+        Only files below `output_dir` can be attached. The program also needs
+        the bind `(self.dev, CONTAINER_DEV)` for the nodes.
         """
         paths = [(CONTAINER_TREE, tree)]
         usr = os.path.join(self.root, "usr")
         if os.path.isdir(usr) and not os.path.islink(usr):   # bound read-only as /usr
             paths.append(("/usr", usr))
-        return LoopServer(self.dev, CONTAINER_DEV, work_dir=self.dir, paths=paths)
+        return LoopServer(self.dev, CONTAINER_DEV, output_dir=output_dir, work_dir=self.dir,
+                          paths=paths)
 
     def cleanup(self):
         """Remove the build root's directory."""

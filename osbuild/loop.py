@@ -223,8 +223,10 @@ class LoopControl:
         Another process may grab the same free device between the query and
         the attach (EBUSY); then the next free one is tried.
         """
-        if offset < 0 or sizelimit < 0:
-            raise LoopError("offset and size limit must not be negative")
+        for value in (offset, sizelimit):
+            if type(value) is not int or not 0 <= value < 1 << 63:  # pylint: disable=unidiomatic-typecheck
+                raise LoopError(f"offset and size limit must be integers in [0, 2**63), "
+                                f"not {value!r}")
         for _ in range(_BUSY_RETRIES):
             lo = Loop(self.get_unbound(), self.dev_dir)
             try:
@@ -236,4 +238,7 @@ class LoopControl:
                 if e.errno != errno.EBUSY:
                     raise LoopError(f"cannot attach loop device {lo.devname}: "
                                     f"{os.strerror(e.errno)}") from None
+            except BaseException:
+                lo.close()
+                raise
         raise LoopError("no free loop device: all candidates were busy")

@@ -102,7 +102,7 @@ class Assembler(Stage):
         res = buildroot.run(self.kind, self.name, args,
                             binds=[(output_dir, CONTAINER_OUTPUT), (buildroot.dev, CONTAINER_DEV)],
                             ro_binds=[(tree, CONTAINER_TREE)],
-                            apis=[buildroot.loop_server(tree)], monitor=ctx.monitor)
+                            apis=[buildroot.loop_server(tree, output_dir)], monitor=ctx.monitor)
         return _result(self, res)
 
 

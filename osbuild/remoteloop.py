@@ -14,6 +14,13 @@ copied, and they are resolved without following symbolic links. On
 release the host flushes and detaches the device and removes its node;
 whatever is still attached when the server stops is released then.
 
+The assembler is not trusted (its tools come from a manifest-made build
+tree). An image must be a regular file below the server's output directory,
+found again there without following links, and open read-write; offset
+and size limit are non-negative multiples of 512 within the file; at most
+MAX_DEVICES (16) devices are attached at once per server, i.e. per
+assembler run. No failure leaves a device attached.
+
 Requests and replies (osbuild.util.jsoncomm messages):
 
     {"method": "attach", "fd": 0, "offset": N, "sizelimit": N}
@@ -33,9 +40,11 @@ Any failure is answered as {"error": MESSAGE}.
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -46,6 +55,12 @@ from osbuild.util import jsoncomm
 from osbuild.util.lifetime import contained
 
 POPULATE_FSTYPES = ("ext4", "xfs")
+# Loop devices one server (one assembler run) may hold at once.
+MAX_DEVICES = 16
+# Offsets and sizes are in whole sectors.
+SECTOR = 512
+# Entries of the output directory searched for an image before giving up.
+MAX_OUTPUT_ENTRIES = 10000
 _MOUNTPOINT_RE = re.compile(r"^/([^/\0]+(/[^/\0]+)*)?$")
 
 
@@ -59,33 +74,64 @@ class LoopServer(api.BaseAPI):
 
     endpoint = "remoteloop"
 
-    def __init__(self, dev_dir, node_dir=None, paths=(), work_dir=None):
+    def __init__(self, dev_dir, node_dir=None, *, output_dir, paths=(), work_dir=None):
         super().__init__()
         self.dev_dir = dev_dir
         self.node_dir = node_dir or dev_dir
+        self.output_dir = output_dir
         self.paths = [(os.path.normpath(c), h) for c, h in paths]
         self.work_dir = work_dir
         self._lock = threading.Lock()
         self._devices = {}   # devname -> (Loop, dir fd or None)
+        self._attaching = 0  # attaches in progress, counted against MAX_DEVICES
+
+    def _image(self, fds, msg):
+        """The request's image fd and its geometry, checked; raises LoopError."""
+        index = msg.get("fd")
+        # pylint: disable-next=unidiomatic-typecheck
+        if type(index) is not int or not 0 <= index < len(fds):
+            raise loop.LoopError("'fd' must index the request's descriptors, "
+                                 f"not {api.quote(index)}")
+        fd = fds[index]
+        st = image_stat(fd, self.output_dir)
+        offset, sizelimit = msg.get("offset", 0), msg.get("sizelimit", 0)
+        for name, value in (("offset", offset), ("sizelimit", sizelimit)):
+            # pylint: disable-next=unidiomatic-typecheck
+            if type(value) is not int or value < 0 or value % SECTOR:
+                raise loop.LoopError(f"{name} must be a non-negative multiple of {SECTOR}, "
+                                     f"not {api.quote(value)}")
+        if offset >= st.st_size or offset + sizelimit > st.st_size:
+            raise loop.LoopError(f"offset {offset} and sizelimit {sizelimit} do not lie within "
+                                 f"the image ({st.st_size} bytes)")
+        return fd, offset, sizelimit
 
     def _attach(self, msg, fds):
-        image_fd = fds[msg["fd"]]
-        offset = msg.get("offset") or 0
-        sizelimit = msg.get("sizelimit") or 0
-        if not isinstance(offset, int) or not isinstance(sizelimit, int):
-            raise loop.LoopError("offset and sizelimit must be integers")
+        image_fd, offset, sizelimit = self._image(fds, msg)
+        with self._lock:
+            if len(self._devices) + self._attaching >= MAX_DEVICES:
+                raise loop.LoopError(f"at most {MAX_DEVICES} loop devices may be attached "
+                                     "at once")
+            self._attaching += 1
+        try:
+            return self._attach_device(image_fd, offset, sizelimit)
+        finally:
+            with self._lock:
+                self._attaching -= 1
+
+    def _attach_device(self, image_fd, offset, sizelimit):
         with loop.LoopControl() as ctl:
             lo = ctl.attach(image_fd, offset=offset, sizelimit=sizelimit, autoclear=True)
-        dir_fd = os.open(self.dev_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = None
         try:
-            created = lo.mknod(dir_fd)
-        except (OSError, loop.LoopError):
-            os.close(dir_fd)
+            dir_fd = os.open(self.dev_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if not lo.mknod(dir_fd):
+                os.close(dir_fd)
+                dir_fd = None
+        except BaseException:
+            if dir_fd is not None:
+                os.close(dir_fd)
             _detach(lo)
             raise
-        if not created:
-            os.close(dir_fd)
-            dir_fd = None
         with self._lock:
             self._devices[lo.devname] = (lo, dir_fd)
         return {"devname": lo.devname, "path": os.path.join(self.node_dir, lo.devname)}
@@ -185,7 +231,7 @@ class LoopServer(api.BaseAPI):
             elif method == "release":
                 reply = self._release(msg.get("devname"))
             else:
-                reply = {"error": f"unknown request: {msg!r}"}
+                reply = {"error": f"unknown request: {api.quote(msg)}"}
         except (OSError, loop.LoopError, KeyError, IndexError, TypeError) as e:
             reply = {"error": f"remoteloop: {e}"}
         sock.send(reply)
@@ -204,6 +250,34 @@ class LoopServer(api.BaseAPI):
         """Names of the devices currently attached through this server."""
         with self._lock:
             return sorted(self._devices)
+
+
+def image_stat(fd, output_dir):
+    """fstat of `fd` if it is a regular file below `output_dir` open for reading and
+    writing; raises LoopError otherwise.
+
+    The file is found again from `output_dir` without following symbolic
+    links (same device and inode), so a client cannot have the host attach
+    a file it merely opened elsewhere (a host file, a device, a memfd).
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise loop.LoopError("the image is not a regular file")
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_PATH) != os.O_RDWR:
+        raise loop.LoopError("the image is not open for reading and writing")
+    seen = 0
+    for _, _, files, dir_fd in os.fwalk(output_dir, follow_symlinks=False):
+        for name in files:
+            seen += 1
+            if seen > MAX_OUTPUT_ENTRIES:
+                raise loop.LoopError(f"the output directory has more than {MAX_OUTPUT_ENTRIES} "
+                                     "files")
+            with contextlib.suppress(OSError):
+                entry = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if (entry.st_dev, entry.st_ino) == (st.st_dev, st.st_ino) and \
+                        stat.S_ISREG(entry.st_mode):
+                    return st
+    raise loop.LoopError("the image is not a file in the output directory")
 
 
 def _run_helper(spec, fds):

@@ -4,6 +4,7 @@ import contextlib
 import os
 import stat
 import subprocess
+import tempfile
 
 import pytest
 
@@ -33,8 +34,9 @@ def attached_to(path):
 
 @pytest.fixture(name="image")
 def image_fixture(tmp_path):
-    """An 8 MiB image file whose MiB n is filled with the byte n."""
-    path = tmp_path / "image"
+    """An 8 MiB image file whose MiB n is filled with the byte n, in the server's output dir."""
+    (tmp_path / "out").mkdir(exist_ok=True)
+    path = tmp_path / "out" / "image"
     with open(path, "wb") as f:
         for n in range(8):
             f.write(bytes([n]) * MIB)
@@ -164,7 +166,8 @@ def server_fixture(tmp_path):
     api_dir.mkdir()
     devdir = tmp_path / "dev"
     devdir.mkdir()
-    server = remoteloop.LoopServer(str(devdir))
+    (tmp_path / "out").mkdir(exist_ok=True)
+    server = remoteloop.LoopServer(str(devdir), output_dir=str(tmp_path / "out"))
     path = server.start(str(api_dir))
     yield server, path
     server.stop()
@@ -198,20 +201,25 @@ def test_remoteloop_attach_release(image, tmp_path, server):
     assert open_fds() == before
 
 
-def test_remoteloop_on_tmpfs(tmp_path, server):
+def test_remoteloop_on_tmpfs(tmp_path):
     """No O_DIRECT: an image on tmpfs works."""
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm")
-    _, path = server
-    fd = os.memfd_create("osbuild-test-image")
-    try:
-        os.ftruncate(fd, 4 * MIB)
-        with remoteloop.LoopClient(path).device(fd) as dev:
-            with open(dev, "r+b") as f:
-                f.write(b"memfd")
-        assert os.pread(fd, 5, 0) == b"memfd"
-    finally:
-        os.close(fd)
+    (tmp_path / "api").mkdir()
+    (tmp_path / "dev").mkdir()
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as out:
+        server = remoteloop.LoopServer(str(tmp_path / "dev"), output_dir=out)
+        path = server.start(str(tmp_path / "api"))
+        fd = os.open(os.path.join(out, "image"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, 4 * MIB)
+            with remoteloop.LoopClient(path).device(fd) as dev:
+                with open(dev, "r+b") as f:
+                    f.write(b"tmpfs")
+            assert os.pread(fd, 5, 0) == b"tmpfs"
+        finally:
+            os.close(fd)
+            server.stop()
 
 
 def test_remoteloop_stop_detaches_leftovers(image, tmp_path, server):
@@ -303,7 +311,8 @@ def populate_env_fixture(tmp_path):
     with open(image, "wb") as f:
         f.truncate(16 * MIB)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    server = remoteloop.LoopServer(str(tmp_path / "dev"), work_dir=str(tmp_path / "work"),
+    server = remoteloop.LoopServer(str(tmp_path / "dev"), output_dir=str(tmp_path),
+                                   work_dir=str(tmp_path / "work"),
                                    paths=[("/c/tree", str(tree)), ("/c/tmp", str(tmp_path / "tmp"))])
     path = server.start(str(tmp_path / "api"))
     yield tmp_path, image, remoteloop.LoopClient(path)
