@@ -1,0 +1,77 @@
+"""Copy a directory tree into a vfat filesystem image with mtools.
+
+vfat holds only directories and regular files. The tree comes from stages,
+so it may hold symbolic links pointing anywhere the copying program can
+see (a host file bound into the build root): mtools would copy the target's
+content. Here the tree is walked without following links, and only regular
+files and directories are handed to mtools, by their own paths; symbolic
+links and special files are left out with a warning. Used by assemblers in
+the build root (standard library and the build root's mtools only).
+"""
+
+import os
+import stat
+import subprocess
+import sys
+
+from osbuild.util import fsimage
+
+
+def _mtools(argv, image):
+    fsimage.run([argv[0], "-i", image, *argv[1:]], stdin=subprocess.DEVNULL,
+                env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+
+
+def plan(src, warn):
+    """Walk `src` without following links: (directories, {directory: [files]}).
+
+    Both are relative to `src` ("" is `src` itself), parents first. Each
+    left-out entry is reported through `warn(message)`.
+    """
+    dirs, files = [], {}
+    pending = [""]
+    while pending:
+        rel = pending.pop(0)
+        files[rel] = []
+        with os.scandir(os.path.join(src, rel) if rel else src) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                path = os.path.join(rel, entry.name)
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode):
+                    dirs.append(path)
+                    pending.append(path)
+                elif stat.S_ISREG(mode):
+                    files[rel].append(path)
+                elif stat.S_ISLNK(mode):
+                    warn(f"vfat: leaving out the symbolic link /{path} -> "
+                         f"{os.readlink(entry.path)} (vfat cannot hold links)")
+                else:
+                    warn(f"vfat: leaving out /{path}, which is neither a file nor a directory")
+    return dirs, files
+
+
+def copy_tree(src, image, warn=None):
+    """Copy the contents of directory `src` into the vfat filesystem in `image`.
+
+    `image` is a file or device holding an (unmounted) vfat filesystem.
+    Contents, names and modification times are copied; see the module for
+    what is left out. Raises fsimage.ToolError when mtools fails.
+    """
+    if warn is None:
+        def warn(message):
+            print(message, file=sys.stderr)
+    src = os.path.abspath(src)   # a relative name could look like a drive ("a:b")
+    dirs, files = plan(src, warn)
+    for chunk in _chunks(dirs):
+        _mtools(["mmd", "-D", "o", *(f"::/{d}" for d in chunk)], image)
+    for rel, names in files.items():
+        for chunk in _chunks(names):
+            _mtools(["mcopy", "-p", "-m", "-Q", "-D", "o",
+                     *(os.path.join(src, n) for n in chunk), f"::/{rel}/" if rel else "::/"],
+                    image)
+
+
+def _chunks(items, size=500):
+    """`items` in slices short enough for one command line."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
