@@ -679,6 +679,7 @@ def test_hostile_assembler_attacks_remoteloop(tmp_path):
     print(f"100 attach requests from the container in {res['flood seconds']:.2f}s")
 
 
+ESP_START, ESP_SIZE = 2048, 32768
 VFAT_TREE = """
 mkdir -p boot/efi/EFI/BOOT etc
 echo efi > boot/efi/EFI/BOOT/BOOTX64.EFI
@@ -691,8 +692,55 @@ mkfifo boot/efi/fifo
 
 def _mdir(raw, offset):
     env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
-    return subprocess.run(["mdir", "-/", "-a", "-i", f"{raw}@@{offset}", "::/"],
-                          capture_output=True, text=True, check=True, env=env).stdout
+    argv = ["mdir", "-a", "-i", f"{raw}@@{offset}", "::/"]
+    top = subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout
+    assert "Volume Serial Number is 46BB-8120" in top, top
+    if "No files" in top:       # mdir -/ fails on an empty filesystem
+        return top
+    return subprocess.run(argv[:1] + ["-/"] + argv[1:], capture_output=True, text=True,
+                          check=True, env=env).stdout
+
+
+def vfat_options(filename):
+    """qemu assembler options: a raw GPT image with a vfat ESP at /boot/efi and ext4 /."""
+    return {"format": "raw", "filename": filename, "size": 64 * MIB,
+            "pttype": "gpt", "bootloader": {"type": "none"},
+            "partitions": [
+                {"start": ESP_START, "size": ESP_SIZE,
+                 "type": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+                 "filesystem": {"type": "vfat", "uuid": "46BB-8120", "mountpoint": "/boot/efi"}},
+                {"start": ESP_START + ESP_SIZE,
+                 "filesystem": {"type": "ext4", "mountpoint": "/",
+                                "uuid": "76a22bf4-f153-4541-b6c7-0332c0dfaeac"}}]}
+
+
+def assert_no_host_passwd(raw):
+    """The ESP of `raw` does not hold the first line of the host's /etc/passwd."""
+    with open("/etc/passwd", "rb") as f:
+        host_line = f.readline().strip()
+    with open(raw, "rb") as f:
+        f.seek(ESP_START * 512)
+        esp = f.read(ESP_SIZE * 512)
+    assert host_line not in esp
+
+
+@pytest.mark.integration
+@needs_loop
+def test_linked_vfat_mountpoint_copies_nothing(tmp_path):
+    """The tree's /boot/efi is a link to the host's /etc (as the build root shows it):
+    the ESP stays empty, with a warning, instead of receiving the host's /etc."""
+    tree = "mkdir boot\nln -s /run/osbuild/buildroot-etc boot/efi\n"
+    store = tmp_path / "store"
+    manifest = {"pipeline": {"stages": [script(tree)], "assembler": {
+        "name": "org.osbuild.qemu", "options": vfat_options("attack-vfat-link.raw")}}}
+    status, result, stderr, _ = run_build(manifest, store)
+    assert status == 0, stderr[-3000:] + json.dumps(result)[-3000:]
+    assert "/boot/efi in the tree is not a directory reached without symbolic links" in \
+        result["assembler"]["output"], result["assembler"]["output"]
+    raw = os.path.join(store, "refs", result["output_id"], "attack-vfat-link.raw")
+    listing = _mdir(raw, ESP_START * 512)
+    assert "passwd" not in listing.lower() and "No files" in listing, listing
+    assert_no_host_passwd(raw)
 
 
 @pytest.mark.integration
@@ -701,17 +749,7 @@ def test_symlinks_do_not_carry_host_files_into_images(tmp_path):
     """A tree's links to host files (visible in the build root) on a vfat ESP are left
     out with a warning, not copied as the host file's content; on ext4 and in a tarball
     they stay links."""
-    esp_start, esp_size = 2048, 32768
-    options = {"format": "raw", "filename": "attack-vfat.raw", "size": 64 * MIB,
-               "pttype": "gpt", "bootloader": {"type": "none"},
-               "partitions": [
-                   {"start": esp_start, "size": esp_size,
-                    "type": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
-                    "filesystem": {"type": "vfat", "uuid": "46BB-8120",
-                                   "mountpoint": "/boot/efi"}},
-                   {"start": esp_start + esp_size,
-                    "filesystem": {"type": "ext4", "mountpoint": "/",
-                                   "uuid": "76a22bf4-f153-4541-b6c7-0332c0dfaeac"}}]}
+    options = vfat_options("attack-vfat.raw")
     store = tmp_path / "store"
     manifest = {"pipeline": {"stages": [script(VFAT_TREE)],
                              "assembler": {"name": "org.osbuild.qemu", "options": options}}}
@@ -721,18 +759,13 @@ def test_symlinks_do_not_carry_host_files_into_images(tmp_path):
     assert "leaving out the symbolic link /passwd-link" in output, output
     assert "leaving out the symbolic link /EFI/etc-link" in output, output
     raw = os.path.join(store, "refs", result["output_id"], "attack-vfat.raw")
-    listing = _mdir(raw, esp_start * 512)
+    listing = _mdir(raw, ESP_START * 512)
     assert "BOOTX64" in listing and "passwd" not in listing and "etc-link" not in listing, \
         listing
-    with open("/etc/passwd", "rb") as f:
-        host_line = f.readline().strip()
-    with open(raw, "rb") as f:
-        f.seek(esp_start * 512)
-        esp = f.read(esp_size * 512)
-    assert host_line not in esp
+    assert_no_host_passwd(raw)
     with contextlib.ExitStack() as stack:
         dev = subprocess.run(["losetup", "--show", "--find", "--read-only", "--offset",
-                              str((esp_start + esp_size) * 512), raw], capture_output=True,
+                              str((ESP_START + ESP_SIZE) * 512), raw], capture_output=True,
                              text=True, check=True).stdout.strip()
         stack.callback(subprocess.run, ["losetup", "--detach", dev], check=False)
         stat_out = subprocess.run(["debugfs", "-R", "stat /etc/leak", dev], capture_output=True,

@@ -50,17 +50,40 @@ def plan(src, warn):
     return dirs, files
 
 
-def copy_tree(src, image, warn=None):
-    """Copy the contents of directory `src` into the vfat filesystem in `image`.
+def real_directory(tree, below):
+    """`tree`/`below` if every component of `below` is a directory, not a link; else None."""
+    path = os.path.abspath(tree)
+    for name in [n for n in below.split("/") if n]:
+        if name in (".", ".."):
+            return None
+        path = os.path.join(path, name)
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return None
+        except FileNotFoundError:
+            return None
+    return path
+
+
+def copy_tree(tree, image, below="/", warn=None):
+    """Copy the contents of `tree`'s directory `below` into the vfat filesystem in `image`.
 
     `image` is a file or device holding an (unmounted) vfat filesystem.
     Contents, names and modification times are copied; see the module for
-    what is left out. Raises fsimage.ToolError when mtools fails.
+    what is left out. When `below` is missing, or reached only through a
+    symbolic link, nothing is copied (with a warning for a link). The
+    tree must not change meanwhile (it is read-only to assemblers). Raises
+    fsimage.ToolError when mtools fails.
     """
     if warn is None:
         def warn(message):
             print(message, file=sys.stderr)
-    src = os.path.abspath(src)   # a relative name could look like a drive ("a:b")
+    src = real_directory(tree, below)
+    if src is None:
+        if os.path.lexists(os.path.join(tree, below.lstrip("/"))):
+            warn(f"vfat: {below} in the tree is not a directory reached without symbolic "
+                 "links: nothing copied to its filesystem")
+        return
     dirs, files = plan(src, warn)
     for chunk in _chunks(dirs):
         _mtools(["mmd", "-D", "o", *(f"::/{d}" for d in chunk)], image)
