@@ -57,6 +57,8 @@ from osbuild.util.lifetime import contained
 POPULATE_FSTYPES = ("ext4", "xfs")
 # Loop devices one server (one assembler run) may hold at once.
 MAX_DEVICES = 16
+# Directories one populate request may copy.
+MAX_COPIES = 64
 # Offsets and sizes are in whole sectors.
 SECTOR = 512
 # Entries of the output directory searched for an image before giving up.
@@ -174,6 +176,9 @@ class LoopServer(api.BaseAPI):
         mounts, copies = msg.get("mounts"), msg.get("copies")
         if not isinstance(mounts, list) or not mounts or not isinstance(copies, list):
             raise loop.LoopError("populate needs a list of mounts and a list of copies")
+        if len(mounts) > MAX_DEVICES or len(copies) > MAX_COPIES:
+            raise loop.LoopError(f"populate takes at most {MAX_DEVICES} mounts and "
+                                 f"{MAX_COPIES} copies")
         spec_mounts = []
         with self._lock:
             devices = dict(self._devices)

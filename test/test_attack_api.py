@@ -371,6 +371,33 @@ def test_remoteloop_caps_devices(loopsrv):
 
 @pytest.mark.integration
 @needs_loop
+def test_remoteloop_populate_request_size_is_bounded(tmp_path):
+    """10,000 valid copies in one populate request: refused before any is opened."""
+    for name in ("api", "dev", "out", "src"):
+        (tmp_path / name).mkdir()
+    with open(tmp_path / "out" / "image", "wb") as f:
+        f.truncate(8 * MIB)
+    server = remoteloop.LoopServer(str(tmp_path / "dev"), output_dir=str(tmp_path / "out"),
+                                   paths=[("/c", str(tmp_path / "src"))],
+                                   work_dir=str(tmp_path))
+    path = server.start(str(tmp_path / "api"))
+    try:
+        with closing(os.open(tmp_path / "out" / "image", os.O_RDWR)) as fd:
+            devname = attach(path, fd)["devname"]
+        req = {"method": "populate",
+               "mounts": [{"devname": devname, "fstype": "ext4", "mountpoint": "/"}],
+               "copies": [{"path": "/c"}] * 10000}
+        with jsoncomm.Socket.new_client(path) as sock:
+            reply, _ = sock.call(req)
+        assert f"at most {remoteloop.MAX_DEVICES} mounts and {remoteloop.MAX_COPIES} copies" \
+            in reply["error"], reply
+    finally:
+        server.stop()
+    assert attached_to(tmp_path / "out" / "image") == []
+
+
+@pytest.mark.integration
+@needs_loop
 def test_remoteloop_error_after_attach_detaches(loopsrv):
     """When the node cannot be made, the device just attached is detached and closed."""
     server, path, tmp_path = loopsrv
