@@ -313,7 +313,8 @@ def populate_env_fixture(tmp_path):
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
     server = remoteloop.LoopServer(str(tmp_path / "dev"), output_dir=str(tmp_path),
                                    work_dir=str(tmp_path / "work"),
-                                   paths=[("/c/tree", str(tree)), ("/c/tmp", str(tmp_path / "tmp"))])
+                                   paths=[("/c/tree", str(tree)),
+                                          ("/c/tmp", str(tmp_path / "tmp"))])
     path = server.start(str(tmp_path / "api"))
     yield tmp_path, image, remoteloop.LoopClient(path)
     server.stop()
