@@ -45,13 +45,14 @@ def program_path(libdir, kind, name):
 
 
 def _string_assignment(node):
-    """(name, text) for `STAGE_xxx = "text"` at module level, else None."""
+    """(name, value) for `STAGE_xxx = "text"` (or `= True/False`) at module level, else None."""
     if not isinstance(node, ast.Assign) or len(node.targets) != 1:
         return None
     target, value = node.targets[0], node.value
     if isinstance(target, ast.Name) and \
-            target.id in ("STAGE_DESC", "STAGE_INFO", "STAGE_OPTS", "STAGE_NETWORK") \
-            and isinstance(value, ast.Constant) and isinstance(value.value, str):
+            target.id in ("STAGE_DESC", "STAGE_INFO", "STAGE_OPTS", "STAGE_NETWORK",
+                          "STAGE_SECRETS") \
+            and isinstance(value, ast.Constant) and isinstance(value.value, (str, bool)):
         return target.id, value.value
     return None
 
@@ -62,10 +63,17 @@ def uses_host_network(libdir, kind, name):
     return ProgramInfo.load(libdir, kind, name).network
 
 
+@functools.lru_cache(maxsize=256)
+def receives_secrets(libdir, kind, name):
+    """Whether the program declares STAGE_SECRETS = True (read once per process)."""
+    return ProgramInfo.load(libdir, kind, name).secrets
+
+
 class ProgramInfo:
     """The declared description and option schema of one program."""
 
-    def __init__(self, kind, name, desc, info, opts, network=False):
+    def __init__(self, kind, name, desc, info, opts, network=False, secrets=False):
+        # pylint: disable=too-many-arguments,too-many-positional-arguments
         self.kind = kind
         self.name = name
         self.desc = desc
@@ -74,6 +82,9 @@ class ProgramInfo:
         # STAGE_NETWORK = "host": the program needs the host's network (e.g. dnf
         # fetching from its repositories); all others get loopback only.
         self.network = network
+        # STAGE_SECRETS = True: the sources API hands the program the secrets
+        # (as memfds) that its repositories need; all others never get them.
+        self.secrets = secrets
 
     @property
     def schema(self):
@@ -91,17 +102,22 @@ class ProgramInfo:
         except (OSError, SyntaxError, ValueError) as e:
             raise ValidationError(f"cannot read {kind}/{name}: {e}") from None
         values = dict(filter(None, map(_string_assignment, tree.body)))
-        opts_text = values.get("STAGE_OPTS", "").strip()
+        opts_text = values.get("STAGE_OPTS", "")
+        opts_text = opts_text.strip() if isinstance(opts_text, str) else ""
         try:
             opts = json.loads("{" + opts_text + "}") if opts_text else {}
         except ValueError as e:
             raise ValidationError(f"{kind}/{name}: STAGE_OPTS is not a JSON schema body: {e}") \
                 from None
-        network = values.get("STAGE_NETWORK", "").strip()
+        network = values.get("STAGE_NETWORK", "")
         if network not in ("", "host"):
             raise ValidationError(f"{kind}/{name}: STAGE_NETWORK must be \"host\" if set")
-        return cls(kind, name, values.get("STAGE_DESC", "").strip(),
-                   values.get("STAGE_INFO", "").strip(), opts, network == "host")
+        secrets = values.get("STAGE_SECRETS", False)
+        if not isinstance(secrets, bool):
+            raise ValidationError(f"{kind}/{name}: STAGE_SECRETS must be True or False")
+        texts = {k: v.strip() if isinstance(v, str) else "" for k, v in values.items()}
+        return cls(kind, name, texts.get("STAGE_DESC", ""), texts.get("STAGE_INFO", ""), opts,
+                   network == "host", secrets)
 
     def validate(self, options, where):
         """Raise ValidationError naming `where` if `options` break the schema."""

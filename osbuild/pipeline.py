@@ -5,7 +5,7 @@ import json
 import os
 
 from osbuild.buildroot import BuildRoot, CONTAINER_DEV, CONTAINER_TREE
-from osbuild.meta import uses_host_network
+from osbuild.meta import receives_secrets, uses_host_network
 from osbuild.objectstore import Object
 from osbuild.util.workdir import WorkDir
 
@@ -76,8 +76,12 @@ class Stage:
         sources_workdir = WorkDir(ctx.store.tmp, "sources-")
         sources_dir = sources_workdir.path
         try:
+            # source programs on the host get the secrets to fetch with; the
+            # stage itself only if it declares STAGE_SECRETS (dnf, yum)
             server = SourcesServer(ctx.libdir, ctx.sources_options, ctx.store.sources,
-                                   sources_dir, ctx.secrets)
+                                   sources_dir, ctx.secrets,
+                                   stage_secrets=receives_secrets(ctx.libdir, self.kind,
+                                                                  self.name))
             args = {"tree": CONTAINER_TREE, "sources": CONTAINER_SOURCES,
                     "options": self.options}
             network = uses_host_network(ctx.libdir, self.kind, self.name)

@@ -9,6 +9,16 @@ on its stdin. The program makes every checksum available as
 `{"error": MESSAGE}`; the stage then reads the content from
 `/run/osbuild/sources/NAME/`, where the output directory is mounted
 read-only. `get()` is the one-call client for stages.
+
+Secrets. Source programs run on the host and get the parsed `--secrets`
+(the files source fetches with client certificates). A source never writes
+secret material into its output; instead its reply may name, per checksum,
+the secret that goes with it: `{"secrets": {CHECKSUM: SECRET_NAME}}`. A
+stage that asks for them (`"secrets": true` in its request, see
+`get_secrets()`) receives each named secret's `ssl_client_cert`,
+`ssl_client_key` and `ssl_ca_cert` as sealed memfds, and only if the
+server was made with `stage_secrets=True`, which the pipeline sets only for
+programs that declare `STAGE_SECRETS = True` (dnf, yum).
 """
 
 import json
@@ -18,7 +28,7 @@ import subprocess
 import sys
 import threading
 
-from osbuild import api
+from osbuild import api, credentials
 from osbuild.util import jsoncomm
 from osbuild.util.lifetime import contained
 
@@ -83,13 +93,17 @@ class SourcesServer(api.BaseAPI):
     `libdir` holds `sources/<name>` programs, `options` is the manifest's
     `sources` object, `cache` the directory of the per-source caches
     (`STORE/sources`), `output` the per-stage-run directory the container sees
-    read-only at `/run/osbuild/sources`, `secrets` the parsed `--secrets`.
+    read-only at `/run/osbuild/sources`, `secrets` the parsed `--secrets`
+    (for the source programs); `stage_secrets` whether the stage may receive
+    the secrets its sources name.
     """
 
     endpoint = "sources"
 
-    def __init__(self, libdir, options, cache, output, secrets=None):
+    def __init__(self, libdir, options, cache, output, secrets=None, stage_secrets=False):
+        # pylint: disable=too-many-arguments,too-many-positional-arguments
         super().__init__()
+        self.stage_secrets = stage_secrets
         self.libdir = os.path.abspath(libdir)
         self.options = options or {}
         self.cache = os.path.abspath(cache)
@@ -122,7 +136,10 @@ class SourcesServer(api.BaseAPI):
         return path
 
     def fetch(self, name, checksums):
-        """Run source `name` for `checksums`; raises ValueError/RuntimeError on failure."""
+        """Run source `name` for `checksums`; raises ValueError/RuntimeError on failure.
+
+        Returns `{checksum: secret name}` for the checksums that go with a secret.
+        """
         program = self._program(name)
         if not isinstance(checksums, list):
             raise ValueError("'checksums' must be a list of strings")
@@ -150,9 +167,9 @@ class SourcesServer(api.BaseAPI):
             proc = subprocess.run(contained([sys.executable, program]), input=json.dumps(request),
                                   capture_output=True, text=True, env=env, check=False,
                                   cwd="/")
-        self._check(name, proc)
+        return self._check(name, proc, checksums)
 
-    def _check(self, name, proc):
+    def _check(self, name, proc, checksums):
         stderr = _quote(self.scrub(proc.stderr))
         try:
             reply = json.loads(proc.stdout)
@@ -171,18 +188,56 @@ class SourcesServer(api.BaseAPI):
         if proc.returncode != 0:
             raise RuntimeError(f"source {name} failed with exit status {proc.returncode}"
                                + (f": {stderr}" if stderr else ""))
+        named = reply.get("secrets", {})
+        if not isinstance(named, dict) or not all(
+                c in checksums and isinstance(n, str) for c, n in named.items()):
+            raise RuntimeError(f"source {name}: 'secrets' in its reply must map requested "
+                               "checksums to secret names")
+        return named
+
+    def secret_fds(self, named):
+        """Memfds of the secrets in `named` {checksum: name}: returns (reply part, fds)."""
+        fds, by_name, reply = [], {}, {}
+        try:
+            for checksum, name in sorted(named.items()):
+                if name not in by_name:
+                    mat = credentials.material(self.secrets, name, checksum)
+                    by_name[name] = {}
+                    for key, data in sorted(mat.items()):
+                        fds.append(credentials.memfd(f"osbuild-{key}", data))
+                        by_name[name][key] = len(fds) - 1
+                reply[checksum] = by_name[name]
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return reply, fds
 
     def _message(self, msg, fds, sock):
-        if not isinstance(msg, dict) or set(msg) != {"source", "checksums"}:
+        if not isinstance(msg, dict) or not {"source", "checksums"} <= set(msg) <= \
+                {"source", "checksums", "secrets"} or msg.get("secrets", False) not in (True, False):
             sock.send({"error": "invalid sources request: expected "
-                                '{"source": NAME, "checksums": [...]}'})
+                                '{"source": NAME, "checksums": [...]} '
+                                '(and optionally "secrets": true)'})
             return
+        secret_fds = []
         try:
-            self.fetch(msg["source"], msg["checksums"])
-        except (ValueError, RuntimeError, OSError) as e:
+            named = self.fetch(msg["source"], msg["checksums"])
+            reply = {}
+            if msg.get("secrets") and named:
+                if not self.stage_secrets:
+                    checksum, name = sorted(named.items())[0]
+                    raise ValueError(f"{checksum} needs the secret {name!r}; only programs that "
+                                     "declare STAGE_SECRETS receive secrets")
+                reply["secrets"], secret_fds = self.secret_fds(named)
+        except (ValueError, RuntimeError, OSError, credentials.SecretError) as e:
             sock.send({"error": self.scrub(str(e))})
             return
-        sock.send({})
+        try:
+            sock.send(reply, secret_fds)
+        finally:
+            for fd in secret_fds:
+                os.close(fd)
 
 
 def get(source, checksums, api_path=API_PATH, sources_dir=SOURCES_DIR):
@@ -200,6 +255,40 @@ def get(source, checksums, api_path=API_PATH, sources_dir=SOURCES_DIR):
     if "error" in reply:
         raise RuntimeError(f"sources: {reply['error']}")
     return os.path.join(sources_dir, source)
+
+
+def get_secrets(source, checksums, api_path=API_PATH, sources_dir=SOURCES_DIR):
+    """Like `get()`, also receiving the secrets that go with the checksums.
+
+    Returns `(directory, {checksum: {key: fd}})`: `key` is one of
+    `credentials.KEYS`, `fd` a read-only memfd the caller owns and must
+    close (a program opens it as `/proc/self/fd/N`). Only programs that
+    declare `STAGE_SECRETS = True` get secrets; others get an error.
+    """
+    with jsoncomm.Socket.new_client(api_path) as sock:
+        reply, fds = sock.call({"source": source, "checksums": list(checksums),
+                                "secrets": True})
+    try:
+        if not isinstance(reply, dict):
+            raise RuntimeError(f"sources: unexpected reply {reply!r}")
+        if "error" in reply:
+            raise RuntimeError(f"sources: {reply['error']}")
+        result = {}
+        for checksum, keys in reply.get("secrets", {}).items():
+            result[checksum] = {}
+            for key, index in keys.items():
+                if key not in credentials.KEYS or not 0 <= index < len(fds):
+                    raise RuntimeError("sources: malformed secrets in the reply")
+                result[checksum][key] = fds[index]
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    used = {fd for keys in result.values() for fd in keys.values()}
+    for fd in fds:
+        if fd not in used:
+            os.close(fd)
+    return os.path.join(sources_dir, source), result
 
 
 def read_json(source, checksums, **kwargs):

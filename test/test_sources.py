@@ -24,6 +24,7 @@ import pytest
 
 from osbuild import sources
 from osbuild.util import jsoncomm
+from osbuild.util.workdir import WorkDir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = os.path.join(REPO, "sources", "org.osbuild.files")
@@ -180,15 +181,21 @@ def test_files_success_all_algorithms(server, tmp_path):
     assert cache_entries(cache) == sorted(urls)
 
 
-def test_files_url_object_form_and_file_scheme(tmp_path):
-    """`{"url": ...}` entries and file:// URLs work."""
+def test_files_url_object_form_and_no_file_scheme(server, tmp_path):
+    """`{"url": ...}` entries work; file:// (a host file) is refused, and not read."""
+    checksum = sha(b"remote content")
+    urls = {checksum: {"url": server.add("data.bin", b"remote content")}}
+    rc, reply, _, _ = run_source(FILES, {"urls": urls}, [checksum], tmp_path / "c", tmp_path / "o")
+    assert (rc, reply) == (0, {})
+    assert (tmp_path / "o" / checksum).read_bytes() == b"remote content"
     src = tmp_path / "data.bin"
     src.write_bytes(b"local content")
     checksum = sha(b"local content")
-    urls = {checksum: {"url": f"file://{src}"}}
-    rc, reply, _, _ = run_source(FILES, {"urls": urls}, [checksum], tmp_path / "c", tmp_path / "o")
-    assert (rc, reply) == (0, {})
-    assert (tmp_path / "o" / checksum).read_bytes() == b"local content"
+    for url in (f"file://{src}", f"FILE://{src}", f"ftp://127.0.0.1/{src}", "http:/x"):
+        rc, reply, _, _ = run_source(FILES, {"urls": {checksum: url}}, [checksum],
+                                     tmp_path / "c", tmp_path / "o")
+        assert rc == 1 and "only http and https" in reply["error"], url
+    assert not (tmp_path / "o" / checksum).exists()
 
 
 def test_files_cache_reuse_no_second_request(server, tmp_path):
@@ -319,7 +326,7 @@ def test_files_hash_mismatch_rejected(server, tmp_path):
     rc, reply, _, _ = run_source(FILES, {"urls": urls}, [good], tmp_path / "c", tmp_path / "o")
     assert rc == 1
     assert "checksum mismatch" in reply["error"]
-    assert sha(b"tampered content") in reply["error"]
+    assert sha(b"tampered content") not in reply["error"]  # no digest of fetched content
     assert cache_entries(tmp_path / "c") == []
     assert not (tmp_path / "o" / good).exists()
 
@@ -453,8 +460,10 @@ def test_files_client_certificate_secret_pem(tls_server, pki, tmp_path):
                                    secrets=secrets)
     assert (rc, reply) == (0, {}), err
     assert tls_server.markers_seen == {FILES}
-    # the temporary key files are gone; only the content is cached
-    assert cache_entries(cache) == [checksum]
+    # no key files; the content is cached apart, under the secret's fingerprint
+    [secret_dir] = cache_entries(cache)
+    assert secret_dir.startswith("secret-")
+    assert cache_entries(cache / secret_dir) == [checksum]
 
 
 def test_files_client_certificate_required(tls_server, pki, tmp_path):
@@ -491,21 +500,20 @@ def test_dnf_repo_config(tmp_path):
     assert json.loads((tmp_path / "o" / cs2).read_text()) == dict(repos[cs2], checksum=cs2)
 
 
-def test_dnf_secrets_written_to_files(tmp_path, pki):
-    """A repository's secrets become files next to its configuration."""
+def test_dnf_secrets_never_written(tmp_path, pki):
+    """A repository's secret is only named (in the reply and the JSON), never written."""
     checksum = sha(b"repomd")
     repos = {checksum: {"baseurl": "https://cdn/repo", "secrets": {"name": "rhsm"}}}
     key = (pki / "client.key").read_text()
     secrets = {"rhsm": {"ssl_client_key": key, "ssl_client_cert": str(pki / "client.crt")}}
     rc, reply, out, err = run_source(DNF, {"repos": repos}, [checksum], tmp_path / "c",
                                      tmp_path / "o", secrets=secrets)
-    assert (rc, reply) == (0, {}), err
-    config = json.loads((tmp_path / "o" / checksum).read_text())
-    assert config["sslclientkey"] == f"{checksum}.sslclientkey"
-    assert (tmp_path / "o" / config["sslclientkey"]).read_text() == key
-    assert (tmp_path / "o" / config["sslclientcert"]).read_text() == (pki / "client.crt").read_text()
-    assert os.stat(tmp_path / "o" / config["sslclientkey"]).st_mode & 0o077 == 0
-    assert key not in out + err
+    assert (rc, reply) == (0, {"secrets": {checksum: "rhsm"}}), err
+    assert json.loads((tmp_path / "o" / checksum).read_text()) == {
+        "checksum": checksum, "baseurl": "https://cdn/repo", "secrets": "rhsm"}
+    assert os.listdir(tmp_path / "o") == [checksum]
+    assert not os.path.exists(tmp_path / "c")
+    assert key.splitlines()[1] not in out + err
 
 
 @pytest.mark.parametrize("repos,checksum,message", [
@@ -796,18 +804,23 @@ def test_program_metadata():
 
 
 def test_files_stale_temporaries_removed(server, tmp_path):
-    """Work directories of killed runs are cleaned up; fresh ones are left alone."""
+    """Work directories of killed runs are removed at once; live ones are left alone."""
     cache = tmp_path / "c"
     (cache / ".tmp-old").mkdir(parents=True)
     (cache / ".tmp-old" / "download-0-0").write_bytes(b"half")
     old = time.time() - 3 * 24 * 3600
     os.utime(cache / ".tmp-old", (old, old))
     (cache / ".tmp-fresh").mkdir()
-    checksum = sha(b"z")
-    urls = {checksum: server.add("z", b"z")}
-    rc, _, _, _ = run_source(FILES, {"urls": urls}, [checksum], cache, tmp_path / "o")
-    assert rc == 0
-    assert cache_entries(cache) == [".tmp-fresh", checksum]
+    dead = cache / "work-0123456789ab"     # a killed run's: nobody holds its lock
+    dead.mkdir()
+    (dead / "download-0-0").write_bytes(b"half of a large file")
+    with WorkDir(str(cache), "work-") as live:
+        checksum = sha(b"z")
+        urls = {checksum: server.add("z", b"z")}
+        rc, _, _, _ = run_source(FILES, {"urls": urls}, [checksum], cache, tmp_path / "o")
+        assert rc == 0
+        assert cache_entries(cache) == sorted([".tmp-fresh", checksum,
+                                               os.path.basename(live.path)])
 
 
 def test_files_bad_parallel_setting(server, tmp_path):
