@@ -214,8 +214,9 @@ class SourcesServer(api.BaseAPI):
         return reply, fds
 
     def _message(self, msg, fds, sock):
-        if not isinstance(msg, dict) or not {"source", "checksums"} <= set(msg) <= \
-                {"source", "checksums", "secrets"} or msg.get("secrets", False) not in (True, False):
+        keys = set(msg) if isinstance(msg, dict) else set()
+        if not {"source", "checksums"} <= keys <= {"source", "checksums", "secrets"} \
+                or msg.get("secrets", False) not in (True, False):
             sock.send({"error": "invalid sources request: expected "
                                 '{"source": NAME, "checksums": [...]} '
                                 '(and optionally "secrets": true)'})
