@@ -367,3 +367,58 @@ def test_sigkill_while_dnf_holds_secret(tmp_path, entitled):
             proc.wait()
         repo.stall.set()
     assert leftovers(tmp_path) == {}
+
+
+def test_only_dnf_and_yum_declare_secrets(tmp_path):
+    """STAGE_SECRETS = True is declared by dnf and yum only; anything but a bool is an error."""
+    from osbuild.meta import ProgramInfo, ValidationError  # pylint: disable=import-outside-toplevel
+    declared = {name for kind in ("stages", "assemblers")
+                for name in os.listdir(os.path.join(REPO, kind))
+                if name.startswith("org.osbuild.") and ProgramInfo.load(REPO, kind, name).secrets}
+    assert declared == {"org.osbuild.dnf", "org.osbuild.yum"}
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "org.osbuild.bad").write_text('STAGE_SECRETS = "yes"\n')
+    with pytest.raises(ValidationError, match="STAGE_SECRETS must be True or False"):
+        ProgramInfo.load(str(tmp_path), "stages", "org.osbuild.bad")
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_sources_api_hands_sealed_memfds_only_when_allowed(tmp_path, pki, allowed):
+    """The sources API gives the named secret as sealed memfds to a declaring stage, and
+    a refusal (without running anything that writes the secret) to any other."""
+    # pylint: disable=import-outside-toplevel
+    from osbuild import sources
+    checksum = "sha256:" + "ab" * 32
+    key = (pki / "client.key").read_text()
+    secrets = {"cdn": {"ssl_client_key": key, "ssl_client_cert": str(pki / "client.crt")}}
+    options = {DNF_SOURCE: {"repos": {checksum: {"baseurl": "https://cdn.example/repo",
+                                                 "secrets": {"name": "cdn"}}}}}
+    api_dir, out = tmp_path / "api", tmp_path / "out"
+    api_dir.mkdir()
+    server = sources.SourcesServer(REPO, options, tmp_path / "cache", out, secrets,
+                                   stage_secrets=allowed)
+    server.start(str(api_dir))
+    try:
+        if not allowed:
+            with pytest.raises(RuntimeError, match="only programs that declare STAGE_SECRETS"):
+                sources.get_secrets(DNF_SOURCE, [checksum], api_path=server.path,
+                                    sources_dir=str(out))
+        else:
+            directory, fds = sources.get_secrets(DNF_SOURCE, [checksum], api_path=server.path,
+                                                 sources_dir=str(out))
+            try:
+                assert set(fds[checksum]) == {"ssl_client_key", "ssl_client_cert"}
+                fd = fds[checksum]["ssl_client_key"]
+                with open(f"/proc/self/fd/{fd}", encoding="utf-8") as f:
+                    assert f.read() == key
+                with pytest.raises(PermissionError):
+                    os.write(fd, b"x")     # sealed: the stage cannot change it
+                assert os.listdir(directory) == [checksum]
+            finally:
+                for fd in set(fds[checksum].values()):
+                    os.close(fd)
+        # a plain request (no "secrets": true) gets the configuration alone
+        assert sources.get(DNF_SOURCE, [checksum], api_path=server.path, sources_dir=str(out))
+    finally:
+        server.stop()
+    assert files_containing(str(tmp_path), key.splitlines()[1].encode()) == []
