@@ -71,27 +71,35 @@ class Stage:
 
     def run(self, ctx, buildroot, tree):
         """Run the stage on the writable host path `tree`; returns its result."""
-        from osbuild.sources import SourcesServer  # pylint: disable=import-outside-toplevel
         ctx.announce(self)
+        if not receives_secrets(ctx.libdir, self.kind, self.name):
+            return _result(self, self._run_in(ctx, buildroot, tree, False))
+        # The stages of a pipeline share the build root's writable /etc, /var and
+        # /tmp: an earlier stage could leave code there (a sitecustomize.py, an
+        # ld.so.preload) for the programs of this one. One that gets secrets runs
+        # in a fresh build root made from the same tree instead.
+        with BuildRoot(buildroot.root, buildroot.runner, buildroot.libdir,
+                       ctx.store.tmp) as own:
+            return _result(self, self._run_in(ctx, own, tree, True))
+
+    def _run_in(self, ctx, buildroot, tree, secrets):
+        from osbuild.sources import SourcesServer  # pylint: disable=import-outside-toplevel
         sources_workdir = WorkDir(ctx.store.tmp, "sources-")
         sources_dir = sources_workdir.path
         try:
             # source programs on the host get the secrets to fetch with; the
             # stage itself only if it declares STAGE_SECRETS (dnf, yum)
             server = SourcesServer(ctx.libdir, ctx.sources_options, ctx.store.sources,
-                                   sources_dir, ctx.secrets,
-                                   stage_secrets=receives_secrets(ctx.libdir, self.kind,
-                                                                  self.name))
+                                   sources_dir, ctx.secrets, stage_secrets=secrets)
             args = {"tree": CONTAINER_TREE, "sources": CONTAINER_SOURCES,
                     "options": self.options}
             network = uses_host_network(ctx.libdir, self.kind, self.name)
-            res = buildroot.run(self.kind, self.name, args,
-                                binds=[(tree, CONTAINER_TREE)],
-                                ro_binds=[(sources_dir, CONTAINER_SOURCES)],
-                                apis=[server], monitor=ctx.monitor, network=network)
+            return buildroot.run(self.kind, self.name, args,
+                                 binds=[(tree, CONTAINER_TREE)],
+                                 ro_binds=[(sources_dir, CONTAINER_SOURCES)],
+                                 apis=[server], monitor=ctx.monitor, network=network)
         finally:
             sources_workdir.cleanup()
-        return _result(self, res)
 
 
 class Assembler(Stage):

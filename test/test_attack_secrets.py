@@ -426,3 +426,45 @@ def test_sources_api_hands_sealed_memfds_only_when_allowed(tmp_path, pki, allowe
     finally:
         server.stop()
     assert files_containing(str(tmp_path), key.splitlines()[1].encode()) == []
+
+
+# A script stage that leaves code in the build root's /etc for the programs of
+# later stages: Python runs sitecustomize.py at start, so dnf would run it while
+# it holds the secret, and it copies every memory file dnf has open into the tree.
+TROJAN = r"""
+import glob, os
+for fd in glob.glob("/proc/self/fd/*"):
+    try:
+        if "memfd:" in os.readlink(fd):
+            with open(fd, errors="replace") as src, \
+                    open("/run/osbuild/tree/trojan-loot", "a") as dst:
+                dst.write(src.read())
+    except OSError:
+        pass
+"""
+
+
+def test_earlier_stage_cannot_plant_code_for_dnf(tmp_path, entitled):
+    """An earlier stage writes a sitecustomize.py into the build root's /etc (shared by
+    the stages of a pipeline): dnf, which holds the secret, must not run it, because a
+    stage that receives secrets gets a build root of its own."""
+    repo, secrets, marker = entitled
+    store = tmp_path / "store"
+    plant = {"name": "org.osbuild.script", "options": {"script": textwrap.dedent(f"""\
+        for d in /etc/python3*/; do
+          cat > "$d/sitecustomize.py" <<'EOF'
+        {textwrap.indent(TROJAN, "        ").strip()}
+        EOF
+        done
+        ls /etc/python3*/sitecustomize.py
+        """)}}
+    mf = manifest(repo)
+    mf["pipeline"]["stages"].insert(1, plant)
+    since = time.time() - 1
+    proc, result = run_build(tmp_path, store, secrets, mf)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tree = store / "refs" / result["tree_id"]
+    assert (tree / "usr/share/osb-spy/spy.txt").exists()
+    loot = tree / "trojan-loot"
+    assert not loot.exists() or marker not in loot.read_text(), "dnf ran the planted code"
+    assert_nowhere(marker, store, tmp_path, since, proc.stdout, proc.stderr)
