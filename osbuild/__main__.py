@@ -3,7 +3,6 @@
 import argparse
 import json
 import os
-import shutil
 import sys
 
 from osbuild import __version__
@@ -11,6 +10,7 @@ from osbuild.buildroot import BuildRootError, stream_monitor
 from osbuild.manifest import host_runner, innermost, load, load_pipeline, validate
 from osbuild.meta import ProgramInfo, ValidationError
 from osbuild.objectstore import ObjectStore, StoreError
+from osbuild.output import OutputError, copy_output
 from osbuild.pipeline import BuildContext, Pipeline
 from osbuild.schema import check_pipeline
 from osbuild.util import nesting
@@ -107,40 +107,6 @@ def _rebuild(pipeline):
     return fresh
 
 
-def _same_file(src, dst):
-    """Whether `dst` is an unmodified earlier copy of `src` (size and mtime agree)."""
-    try:
-        a, b = os.lstat(src), os.lstat(dst)
-    except FileNotFoundError:
-        return False
-    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns and a.st_mode == b.st_mode
-
-
-def copy_output(store, output_id, directory):
-    """Copy the assembler's output to `directory`; returns the copied paths."""
-    src = store.resolve_ref(output_id)
-    os.makedirs(directory, exist_ok=True)
-    copied = []
-    for name in sorted(os.listdir(src)):
-        dst = os.path.join(directory, name)
-        path = os.path.join(src, name)
-        tmp = os.path.join(directory, f".{name}.osbuild-tmp")
-        if os.path.isdir(path) and not os.path.islink(path):
-            if os.path.lexists(tmp):
-                shutil.rmtree(tmp)
-            shutil.copytree(path, tmp, symlinks=True)
-            if os.path.isdir(dst) and not os.path.islink(dst):
-                shutil.rmtree(dst)
-        else:
-            if _same_file(path, dst):
-                copied.append(dst)
-                continue
-            shutil.copy2(path, tmp, follow_symlinks=False)
-        os.replace(tmp, dst)
-        copied.append(dst)
-    return copied
-
-
 def inspect(pipeline, sources):
     """The manifest with every stage's and assembler's `id` (and tree/output ids) filled in."""
     result = {"pipeline": describe_with_ids(pipeline)}
@@ -220,10 +186,13 @@ def run(args):
                        monitor=None if args.json else stream_monitor,
                        checkpoints=args.checkpoint)
     result = pipeline.run(ctx, runner)
+    copied = []
     if result["success"] and args.output_directory and pipeline.output_id:
-        copied = copy_output(store, pipeline.output_id, args.output_directory)
-    else:
-        copied = []
+        try:
+            copied = copy_output(store, pipeline.output_id, args.output_directory)
+        except OutputError as e:
+            print(f"osbuild: {e}", file=sys.stderr)
+            result["success"] = False
     if args.json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")

@@ -14,6 +14,7 @@ under a temporary name and renamed over their final name.
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -25,6 +26,8 @@ from osbuild.util.fs import copy_tree, remove_tree
 from osbuild.util.workdir import WorkDir, clean_stale
 
 _ID_RE = re.compile(r"^[0-9a-f]{64}$")
+# Version of STORE/index/* records: the file digest scheme of treesum.
+INDEX_FORMAT = 2
 
 
 class StoreError(Exception):
@@ -34,6 +37,24 @@ class StoreError(Exception):
 def _check_id(object_id):
     if not isinstance(object_id, str) or not _ID_RE.fullmatch(object_id):
         raise StoreError(f"invalid object id: {object_id!r}")
+
+
+def _private_dir(path):
+    """Make `path` a directory only its owner (this process' user) can enter.
+
+    Committed trees keep what stages made, setuid-root programs included:
+    nobody else may reach them. A store made with looser modes (an older
+    osbuild, a umask of 0) is fixed up here, on every open.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"store entry {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise StoreError(f"store entry {path} belongs to uid {st.st_uid}, not to us")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
 
 
 def _carry_over(index, tree):
@@ -54,6 +75,12 @@ def _carry_over(index, tree):
                 and record[2:4] == [st.st_size, st.st_mtime_ns]:
             known[path] = [st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, record[4]]
     return known
+
+
+def _empty_tree(path):
+    """Create an empty tree whose root mode does not depend on the umask."""
+    os.mkdir(path, 0o755)
+    os.chmod(path, 0o755)
 
 
 class Object:
@@ -99,7 +126,7 @@ class Object:
         if self._base is not None:
             return self.store.resolve_ref(self._base)
         if not os.path.isdir(self._tree):
-            os.mkdir(self._tree, 0o755)
+            _empty_tree(self._tree)
         return self._tree
 
     def write(self):
@@ -112,7 +139,7 @@ class Object:
                 copy_tree(base, self._tree)
                 self.known = _carry_over(self.store.read_index(base), self._tree)
             elif not os.path.isdir(self._tree):
-                os.mkdir(self._tree, 0o755)
+                _empty_tree(self._tree)
             self._writable = True
         return self._tree
 
@@ -150,14 +177,25 @@ class ObjectStore:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise StoreError(f"store path {self.path} exists and is not a directory")
         try:
-            for d in (self.path, self.objects, self.refs, self.tmp, self.sources, self.index):
-                os.makedirs(d, exist_ok=True)
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            for d in (self.objects, self.refs, self.tmp, self.sources, self.index):
+                _private_dir(d)
             # a known prefix: if we die right here, the next run removes it
             WorkDir(self.tmp, "work-probe-").cleanup()
         except OSError as e:
             raise StoreError(f"cannot use store {self.path}: {e.strerror}") from None
         # Work directories of builds that died (SIGKILL, power loss, ...).
         clean_stale(self.tmp)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the store's commit lock (an flock on refs/)."""
+        fd = os.open(self.refs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def contains(self, object_id):
         """Whether a committed object is registered under `object_id`."""
@@ -186,24 +224,35 @@ class ObjectStore:
         """Commit `obj`'s tree under `object_id`; `obj` then continues from it.
 
         A tree identical to one already stored is dropped and only the ref
-        is added.
+        is added. When another build registered `object_id` first (builds
+        of one manifest running at once), its tree is kept and ours is
+        dropped: no object is ever left without a ref.
         """
         _check_id(object_id)
         if not obj._writable and obj.base is not None:  # pylint: disable=protected-access
+            tree, seen = None, None
             target = os.path.basename(self.resolve_ref(obj.base))
         else:
-            tree = obj.path
-            seen = {}
+            tree, seen = obj.path, {}
             target = treesum(tree, known=obj.known, seen=seen)
-            try:
-                os.rename(tree, os.path.join(self.objects, target))
-            except OSError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-            else:
-                self._write_index(target, seen, obj.workdir)
-        self._link(object_id, target, obj.workdir)
+        # Checking the ref, adding the object and linking the ref are one
+        # step, so a tree found by EEXIST is never one a loser removes.
+        with self._locked():
+            if self.resolve_ref(object_id) is None:
+                if tree is not None:
+                    self._add(tree, target, seen, obj.workdir)
+                self._link(object_id, target, obj.workdir)
         obj.rebase(object_id)
+
+    def _add(self, tree, target, seen, workdir):
+        """Rename `tree` to objects/<target> unless an identical tree is there."""
+        try:
+            os.rename(tree, os.path.join(self.objects, target))
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        else:
+            self._write_index(target, seen, workdir)
 
     def read_index(self, tree_path):
         """The file digest records saved for a committed tree, or None."""
@@ -213,7 +262,10 @@ class ObjectStore:
                 index = json.load(f)
         except (OSError, ValueError):
             return None
-        return index if isinstance(index, dict) else None
+        if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+            return None  # another digest scheme (older osbuild): not reusable
+        files = index.get("files")
+        return files if isinstance(files, dict) else None
 
     def _write_index(self, target, seen, workdir):
         """Save the digest records of a freshly committed tree (best effort).
@@ -224,7 +276,7 @@ class ObjectStore:
         try:
             with tempfile.NamedTemporaryFile("w", dir=workdir or self.tmp, prefix="index-",
                                              delete=False, encoding="utf-8") as f:
-                json.dump(seen, f)
+                json.dump({"format": INDEX_FORMAT, "files": seen}, f)
             os.rename(f.name, os.path.join(self.index, target))
         except OSError:
             pass

@@ -1,21 +1,34 @@
-"""Deterministic content hash of a filesystem tree.
+"""Deterministic content hash of a filesystem tree: the identity of a store object.
 
-The hash covers, for every entry in a canonical (name-sorted) walk: its
-path, type, permission bits, owner, extended attributes and content (file
-data, link target or device number). It does not depend on timestamps,
-inode numbers or readdir order, and never follows symbolic links.
+The hash covers everything an assembler can write out of a tree: for every
+entry of a canonical (name-sorted, depth-first) walk its path, type,
+permission bits, owner, extended attributes, modification time (ns) and
+content (file data, link target or device number), and the hard-link
+structure (a later path of an inode met before names the first path of its
+group). It does not depend on inode numbers, ctimes, atimes or readdir order,
+and never follows symbolic links.
+
+File content is hashed in 1 MiB chunks (see `file_digest`): chunks that lie
+entirely in a hole are not read, so a sparse file costs what its data costs.
+A hole and written zeros are the same content: every assembler reads files
+(tar without --sparse, tar into a mounted image), so both give the same
+output.
 
 Hashing file contents is what costs; a caller that knows the digests of
 files it has not changed since (by inode, ctime and size, which no stage can
 forge) passes them in `known` and gets them reused.
 """
 
+import errno
 import hashlib
 import json
 import os
 import stat
 
-_CHUNK = 1 << 20
+# Changes whenever what the hash covers changes, so old and new sums never meet.
+FORMAT = b"osbuild-treesum-2\n"
+CHUNK = 1 << 20
+_ZERO_CHUNK = hashlib.sha256(bytes(CHUNK)).digest()
 
 
 def _xattrs(name, dir_fd):
@@ -27,15 +40,67 @@ def _xattrs(name, dir_fd):
         return {}
 
 
+def _data_extents(fd, size):
+    """Yield (start, end) of the regions of `fd` that may hold data."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                return
+            if e.errno == errno.EINVAL:  # the filesystem cannot tell: all data
+                yield pos, size
+                return
+            raise
+        yield start, min(end, size)
+        pos = end
+
+
+def _chunk_digests(fd, size):
+    """Yield the SHA-256 of every CHUNK-sized piece of the file, last one short."""
+    count = (size + CHUNK - 1) // CHUNK
+    done = 0  # chunks already yielded
+    for start, end in _data_extents(fd, size):
+        first, last = start // CHUNK, (end + CHUNK - 1) // CHUNK
+        if last <= done:
+            continue
+        for i in range(done, first):
+            yield _zero_digest(i, size)
+        for i in range(max(first, done), last):
+            length = min(CHUNK, size - i * CHUNK)
+            data = os.pread(fd, length, i * CHUNK)
+            if len(data) != length:
+                raise OSError(errno.EIO, "file changed size while it was hashed")
+            yield hashlib.sha256(data).digest()
+        done = last
+    for i in range(done, count):
+        yield _zero_digest(i, size)
+
+
+def _zero_digest(index, size):
+    length = min(CHUNK, size - index * CHUNK)
+    return _ZERO_CHUNK if length == CHUNK else hashlib.sha256(bytes(length)).digest()
+
+
+def file_digest(fd):
+    """The content digest of the regular file open as `fd`.
+
+    SHA-256 over the size and the SHA-256 of each 1 MiB chunk, so it is a
+    function of the bytes read alone; chunks inside holes are not read.
+    """
+    size = os.fstat(fd).st_size
+    digest = hashlib.sha256(f"chunked-sha256 {CHUNK} {size}\n".encode())
+    for chunk in _chunk_digests(fd, size):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _file_digest(name, dir_fd):
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        digest = hashlib.sha256()
-        while True:
-            data = os.read(fd, _CHUNK)
-            if not data:
-                return digest.hexdigest()
-            digest.update(data)
+        return file_digest(fd)
     finally:
         os.close(fd)
 
@@ -51,53 +116,75 @@ def _content_digest(st, name, dir_fd, path, known, seen):
     return digest
 
 
-def _entry(st, name, dir_fd, path, known, seen):
-    fmt = stat.S_IFMT(st.st_mode)
-    entry = {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
-             "type": fmt, "xattrs": _xattrs(name, dir_fd)}
-    if stat.S_ISREG(fmt):
-        entry["size"] = st.st_size
-        entry["sha256"] = _content_digest(st, name, dir_fd, path, known, seen)
-    elif stat.S_ISLNK(fmt):
-        entry["target"] = os.readlink(name, dir_fd=dir_fd)
-    elif stat.S_ISCHR(fmt) or stat.S_ISBLK(fmt):
-        entry["rdev"] = st.st_rdev
-    return entry
+class _Walk:
+    """One walk over a tree, feeding `digest`."""
+
+    def __init__(self, known, seen):
+        self.digest = hashlib.sha256(FORMAT)
+        self.known = known
+        self.seen = seen
+        self.inodes = {}  # (dev, ino) of multiply linked non-directories -> first path
+
+    def add(self, path, entry):
+        """Feed one entry."""
+        self.digest.update(json.dumps([path, entry], sort_keys=True).encode())
+        self.digest.update(b"\n")
+
+    def entry(self, st, name, dir_fd, path):
+        """The description of one entry (not the root)."""
+        fmt = stat.S_IFMT(st.st_mode)
+        if not stat.S_ISDIR(fmt) and st.st_nlink > 1:
+            first = self.inodes.setdefault((st.st_dev, st.st_ino), path)
+            if first != path:  # same inode: everything else is the first path's
+                return {"link": first}
+        entry = _metadata(st)
+        entry["xattrs"] = _xattrs(name, dir_fd)
+        if stat.S_ISREG(fmt):
+            entry["size"] = st.st_size
+            entry["sha256"] = _content_digest(st, name, dir_fd, path, self.known, self.seen)
+        elif stat.S_ISLNK(fmt):
+            entry["target"] = os.readlink(name, dir_fd=dir_fd)
+        elif stat.S_ISCHR(fmt) or stat.S_ISBLK(fmt):
+            entry["rdev"] = st.st_rdev
+        return entry
+
+    def walk(self, dir_fd, prefix):
+        """Feed every entry below the directory `dir_fd` (named `prefix`)."""
+        with os.scandir(dir_fd) as it:
+            names = sorted(e.name for e in it)
+        for name in names:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            path = prefix + "/" + name
+            self.add(path, self.entry(st, name, dir_fd, path))
+            if stat.S_ISDIR(st.st_mode):
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=dir_fd)
+                try:
+                    self.walk(sub, path)
+                finally:
+                    os.close(sub)
 
 
-def _walk(digest, dir_fd, prefix, known, seen):
-    with os.scandir(dir_fd) as it:
-        names = sorted(e.name for e in it)
-    for name in names:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        path = prefix + "/" + name
-        entry = _entry(st, name, dir_fd, path, known, seen)
-        digest.update(json.dumps([path, entry], sort_keys=True).encode())
-        digest.update(b"\n")
-        if stat.S_ISDIR(st.st_mode):
-            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=dir_fd)
-            try:
-                _walk(digest, sub, path, known, seen)
-            finally:
-                os.close(sub)
+def _metadata(st):
+    return {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+            "type": stat.S_IFMT(st.st_mode), "mtime": st.st_mtime_ns}
 
 
 def treesum(path, known=None, seen=None):
     """Return the hex SHA-256 content hash of the tree rooted at `path`.
 
     `known` maps a regular file's path (relative, with a leading "/") to
-    `[inode, ctime_ns, size, mtime_ns, sha256]`; files that still match are
+    `[inode, ctime_ns, size, mtime_ns, digest]`; files that still match are
     not read again. If `seen` is a dict, it receives that record for every
     regular file of the tree.
     """
-    digest = hashlib.sha256()
+    walk = _Walk(known, seen)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        st = os.fstat(fd)
-        root = {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
-        digest.update(json.dumps(["", root], sort_keys=True).encode() + b"\n")
-        _walk(digest, fd, "", known, seen)
+        root = _metadata(os.fstat(fd))
+        root["xattrs"] = _xattrs("", fd)
+        walk.add("", root)
+        walk.walk(fd, "")
     finally:
         os.close(fd)
-    return digest.hexdigest()
+    return walk.digest.hexdigest()

@@ -55,7 +55,10 @@ def crash_manifest(token, sleep=1.0):
         {"name": "org.osbuild.noop", "options": {"token": token}},
         {"name": "org.osbuild.script", "options": {"script": fill}},
         {"name": "org.osbuild.noop", "options": {"after": 1}},
-        {"name": "org.osbuild.script", "options": {"script": f": {token}; echo hi > greeting"}},
+        # mtimes are part of a tree's identity: pinned, so that rebuilds compare equal
+        {"name": "org.osbuild.script",
+         "options": {"script": f": {token}; echo hi > greeting; "
+                               "find . -exec touch -h -d @1000000000 {} +"}},
     ]}}
 
 
