@@ -130,6 +130,8 @@ def copy_output(store, output_id, directory):
     Raises OutputError naming the path that could not be written.
     """
     src = store.resolve_ref(output_id)
+    if src is None:
+        raise OutputError(f"output {output_id} is not in the store")
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
