@@ -21,7 +21,7 @@ import re
 import stat
 import tempfile
 
-from osbuild.treesum import treesum
+from osbuild.treesum import TreeError, treesum
 from osbuild.util.fs import copy_tree, remove_tree
 from osbuild.util.workdir import WorkDir, clean_stale
 
@@ -234,7 +234,10 @@ class ObjectStore:
             target = os.path.basename(self.resolve_ref(obj.base))
         else:
             tree, seen = obj.path, {}
-            target = treesum(tree, known=obj.known, seen=seen)
+            try:
+                target = treesum(tree, known=obj.known, seen=seen)
+            except TreeError as e:
+                raise StoreError(f"cannot commit {object_id}: {e}") from None
         # Checking the ref, adding the object and linking the ref are one
         # step, so a tree found by EEXIST is never one a loser removes.
         with self._locked():

@@ -29,6 +29,12 @@ import stat
 FORMAT = b"osbuild-treesum-2\n"
 CHUNK = 1 << 20
 _ZERO_CHUNK = hashlib.sha256(bytes(CHUNK)).digest()
+# Deeper trees are refused (no real OS tree comes near; each level holds an fd).
+MAX_DEPTH = 1000
+
+
+class TreeError(Exception):
+    """The tree cannot be hashed (nested too deeply)."""
 
 
 def _xattrs(name, dir_fd):
@@ -148,21 +154,40 @@ class _Walk:
             entry["rdev"] = st.st_rdev
         return entry
 
-    def walk(self, dir_fd, prefix):
-        """Feed every entry below the directory `dir_fd` (named `prefix`)."""
-        with os.scandir(dir_fd) as it:
-            names = sorted(e.name for e in it)
-        for name in names:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            path = prefix + "/" + name
-            self.add(path, self.entry(st, name, dir_fd, path))
-            if stat.S_ISDIR(st.st_mode):
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=dir_fd)
-                try:
-                    self.walk(sub, path)
-                finally:
-                    os.close(sub)
+    def walk(self, root_fd):
+        """Feed every entry below the directory `root_fd`, depth first, by name."""
+        stack = [(root_fd, "", iter(_names(root_fd)))]
+        try:
+            while stack:
+                dir_fd, prefix, names = stack[-1]
+                name = next(names, None)
+                if name is None:
+                    stack.pop()
+                    if dir_fd != root_fd:
+                        os.close(dir_fd)
+                    continue
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                path = prefix + "/" + name
+                self.add(path, self.entry(st, name, dir_fd, path))
+                if stat.S_ISDIR(st.st_mode):
+                    if len(stack) >= MAX_DEPTH:
+                        raise TreeError(f"{path} is nested more than {MAX_DEPTH} directories deep")
+                    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  dir_fd=dir_fd)
+                    try:
+                        stack.append((sub, path, iter(_names(sub))))
+                    except BaseException:
+                        os.close(sub)
+                        raise
+        finally:
+            for dir_fd, _, _ in stack:
+                if dir_fd != root_fd:
+                    os.close(dir_fd)
+
+
+def _names(dir_fd):
+    with os.scandir(dir_fd) as it:
+        return sorted(e.name for e in it)
 
 
 def _metadata(st):
@@ -184,7 +209,7 @@ def treesum(path, known=None, seen=None):
         root = _metadata(os.fstat(fd))
         root["xattrs"] = _xattrs("", fd)
         walk.add("", root)
-        walk.walk(fd, "")
+        walk.walk(fd)
     finally:
         os.close(fd)
     return walk.digest.hexdigest()

@@ -257,3 +257,19 @@ def test_output_directory_on_a_full_disk(tmp_path, full_fs):
     assert status == 0, stderr
     assert os.listdir(out) == ["tree.tar"]
     assert "./f" in tar_members(out / "tree.tar")
+
+
+@pytest.mark.integration
+def test_tree_nested_too_deeply(tmp_path):
+    """A stage nests 1500 directories: a one-line error naming the problem, exit 1,
+    nothing committed, nothing left in STORE/tmp."""
+    store = tmp_path / "store"
+    deep = "i=0; while [ $i -lt 1500 ]; do mkdir d; cd d; i=$((i+1)); done"
+    status, result, stderr = finish(osbuild(store, {"stages": [script(deep)]}))
+    assert status == 1, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("osbuild: cannot commit "), stderr
+    assert "nested more than 1000 directories deep" in lines[0] and "Traceback" not in stderr
+    assert result is None
+    assert check_store(store) == ([], [])
+    assert os.listdir(store / "tmp") == []
