@@ -18,6 +18,8 @@ import shutil
 import stat
 import tempfile
 
+from osbuild.util.fs import data_extents
+
 
 _PRIVILEGE = stat.S_ISUID | stat.S_ISGID
 
@@ -38,23 +40,6 @@ def _unchanged(st, dst):
         return False
     return stat.S_ISREG(other.st_mode) and other.st_size == st.st_size \
         and other.st_mtime_ns == st.st_mtime_ns and stat.S_IMODE(other.st_mode) == _mode(st)
-
-
-def _extents(fd, size):
-    """(start, end) of the regions of `fd` that may hold data."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole is left
-                return
-            if e.errno != errno.EINVAL:
-                raise
-            start, end = pos, size  # the filesystem cannot tell
-        yield start, end
-        pos = end
 
 
 def _copy_range(src, dst, start, end):
@@ -83,7 +68,7 @@ def _copy_file(src, st, directory, name):
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".osbuild-tmp", dir=directory)
     try:
         with open(src, "rb") as f:
-            for start, end in _extents(f.fileno(), st.st_size):
+            for start, end in data_extents(f.fileno(), st.st_size):
                 _copy_range(f.fileno(), fd, start, end)
         os.ftruncate(fd, st.st_size)
         os.fchmod(fd, _mode(st))

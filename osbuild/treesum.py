@@ -25,6 +25,8 @@ import json
 import os
 import stat
 
+from osbuild.util.fs import data_extents
+
 # Changes whenever what the hash covers changes, so old and new sums never meet.
 FORMAT = b"osbuild-treesum-2\n"
 CHUNK = 1 << 20
@@ -46,29 +48,11 @@ def _xattrs(name, dir_fd):
         return {}
 
 
-def _data_extents(fd, size):
-    """Yield (start, end) of the regions of `fd` that may hold data."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole is left
-                return
-            if e.errno == errno.EINVAL:  # the filesystem cannot tell: all data
-                yield pos, size
-                return
-            raise
-        yield start, min(end, size)
-        pos = end
-
-
 def _chunk_digests(fd, size):
     """Yield the SHA-256 of every CHUNK-sized piece of the file, last one short."""
     count = (size + CHUNK - 1) // CHUNK
     done = 0  # chunks already yielded
-    for start, end in _data_extents(fd, size):
+    for start, end in data_extents(fd, size):
         first, last = start // CHUNK, (end + CHUNK - 1) // CHUNK
         if last <= done:
             continue

@@ -1,5 +1,6 @@
-"""Copying and removing whole trees."""
+"""Copying and removing whole trees; the data regions of sparse files."""
 
+import errno
 import os
 import shutil
 import subprocess
@@ -37,3 +38,21 @@ def remove_tree(path):
         pass  # nested deeper than Python's stack: rm below copes
     if os.path.lexists(path):
         subprocess.run(["rm", "-rf", "--one-file-system", "--", path], check=False)
+
+
+def data_extents(fd, size):
+    """Yield (start, end) of the regions of the first `size` bytes of `fd` that may
+    hold data (SEEK_DATA/SEEK_HOLE); the rest are holes, which read as zeros."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                return
+            if e.errno != errno.EINVAL:
+                raise
+            start, end = pos, size  # the filesystem cannot tell: all data
+        yield start, end
+        pos = end
