@@ -52,7 +52,8 @@ def _private_dir(path):
     if not stat.S_ISDIR(st.st_mode):
         raise StoreError(f"store entry {path} is not a directory")
     if st.st_uid != os.geteuid():
-        raise StoreError(f"store entry {path} belongs to uid {st.st_uid}, not to us")
+        raise StoreError(f"store entry {path} belongs to uid {st.st_uid}, "
+                         f"not to uid {os.geteuid()} running osbuild")
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
 
@@ -238,8 +239,8 @@ class ObjectStore:
                 target = treesum(tree, known=obj.known, seen=seen)
             except TreeError as e:
                 raise StoreError(f"cannot commit {object_id}: {e}") from None
-        # Checking the ref, adding the object and linking the ref are one
-        # step, so a tree found by EEXIST is never one a loser removes.
+        # One step under the lock: of builds racing for one id, only the
+        # first adds its tree; the others' trees are dropped with their work dirs.
         with self._locked():
             if self.resolve_ref(object_id) is None:
                 if tree is not None:
