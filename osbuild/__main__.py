@@ -12,6 +12,7 @@ from osbuild.meta import ProgramInfo, ValidationError
 from osbuild.objectstore import ObjectStore, StoreError
 from osbuild.output import OutputError, copy_output
 from osbuild.pipeline import BuildContext, Pipeline
+from osbuild import remote as remote_store
 from osbuild.schema import check_pipeline
 from osbuild.util import nesting
 
@@ -50,6 +51,9 @@ def parse_args(argv):
     parser.add_argument("--inspect", action="store_true",
                         help="print the manifest with the ids of all stages and the assembler "
                              "filled in, without building")
+    parser.add_argument("--remote", metavar="s3://BUCKET/PREFIX",
+                        help="share trees, outputs and source files with other build hosts "
+                             "through this S3 bucket (needs boto3)")
     parser.add_argument("--version", action="version", version=f"osbuild {__version__}")
     return parser.parse_args(argv)
 
@@ -148,6 +152,19 @@ def print_human(result):
         print("Failed")
 
 
+def open_remote(args):
+    """The --remote bucket (None without one, or when it cannot be used)."""
+    if not args.remote:
+        return None
+    return remote_store.open_remote(args.remote)
+
+
+def share(remote, store, pipeline, checkpoints, result):
+    """After a successful build, push its checkpoints, trees and output to the remote."""
+    if remote is not None and result["success"]:
+        remote.push(store, remote_store.shared_ids(pipeline, set(checkpoints)))
+
+
 def run(args):
     """Do what the command line asks; returns the exit status."""
     desc = read_json(args.manifest, "manifest")
@@ -182,10 +199,12 @@ def run(args):
         if checkpoint not in known:
             raise UsageError(f"checkpoint {checkpoint!r} matches no stage of the manifest")
     store = ObjectStore(args.store)
+    remote = open_remote(args)
     ctx = BuildContext(store, libdir, sources, secrets,
                        monitor=None if args.json else stream_monitor,
-                       checkpoints=args.checkpoint)
+                       checkpoints=args.checkpoint, remote=remote)
     result = pipeline.run(ctx, runner)
+    share(remote, store, pipeline, args.checkpoint, result)
     copied = []
     if result["success"] and args.output_directory and pipeline.output_id:
         try:
@@ -211,7 +230,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nosbuild: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValidationError, StoreError, BuildRootError) as e:
+    except (UsageError, ValidationError, StoreError, BuildRootError,
+            remote_store.RemoteError) as e:
         print(f"osbuild: {e}", file=sys.stderr)
         return 1
     except OSError as e:

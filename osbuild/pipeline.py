@@ -33,13 +33,19 @@ class BuildContext:
     """What every program run of one osbuild invocation shares."""
 
     def __init__(self, store, libdir, sources_options=None, secrets=None, monitor=None,
-                 checkpoints=()):
+                 checkpoints=(), remote=None):
         self.store = store
         self.libdir = os.path.abspath(libdir)
         self.sources_options = sources_options or {}
         self.secrets = secrets
         self.monitor = monitor
         self.checkpoints = set(checkpoints)
+        # an osbuild.remote.Remote shared with other build hosts, or None
+        self.remote = remote
+
+    def pull(self, object_id):
+        """Fetch `object_id` from the remote into the store; whether it is there now."""
+        return self.remote is not None and self.remote.pull(self.store, object_id)
 
     def announce(self, step):
         """Print the header of a step in human mode."""
@@ -90,7 +96,8 @@ class Stage:
             # source programs on the host get the secrets to fetch with; the
             # stage itself only if it declares STAGE_SECRETS (dnf, yum)
             server = SourcesServer(ctx.libdir, ctx.sources_options, ctx.store.sources,
-                                   sources_dir, ctx.secrets, stage_secrets=secrets)
+                                   sources_dir, ctx.secrets, stage_secrets=secrets,
+                                   remote=ctx.remote)
             args = {"tree": CONTAINER_TREE, "sources": CONTAINER_SOURCES,
                     "options": self.options}
             network = uses_host_network(ctx.libdir, self.kind, self.name)
@@ -196,12 +203,16 @@ class Pipeline:
             return "/", self.runner
         return ctx.store.resolve_ref(self.build.tree_id), self.runner
 
+    def _finished(self, ctx):
+        """Whether the result (output, or tree without an assembler) is in the store now."""
+        wanted = self.output_id if self.assembler else self.tree_id
+        return wanted is None or ctx.store.contains(wanted) or ctx.pull(wanted)
+
     def run(self, ctx, host_runner):
         """Build what is not in the store yet; returns the result (DESIGN 1.4)."""
         result = {"success": True, "stages": []}
         store = ctx.store
-        if self.assembler and store.contains(self.output_id) or \
-                not self.assembler and (self.tree_id is None or store.contains(self.tree_id)):
+        if self._finished(ctx):
             if self.build:
                 result["build"] = self._ids({"success": True, "stages": []})
             return self._ids(result)
@@ -220,7 +231,7 @@ class Pipeline:
         todo = self.stages
         base = None
         for i in range(len(self.stages) - 1, -1, -1):
-            if store.contains(self.stages[i].id):
+            if store.contains(self.stages[i].id) or ctx.pull(self.stages[i].id):
                 base = self.stages[i].id
                 todo = self.stages[i + 1:]
                 break

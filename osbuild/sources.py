@@ -100,7 +100,8 @@ class SourcesServer(api.BaseAPI):
 
     endpoint = "sources"
 
-    def __init__(self, libdir, options, cache, output, secrets=None, stage_secrets=False):
+    def __init__(self, libdir, options, cache, output, secrets=None, stage_secrets=False,
+                 remote=None):
         # pylint: disable=too-many-arguments,too-many-positional-arguments
         super().__init__()
         self.stage_secrets = stage_secrets
@@ -110,6 +111,7 @@ class SourcesServer(api.BaseAPI):
         self.output = os.path.abspath(output)
         self.secrets = secrets
         self._scrub = _secret_strings(secrets)
+        self.remote = remote  # osbuild.remote.Remote or None
         # one lock per source name, so runs of the same source never overlap
         self._locks = ({}, threading.Lock())
 
@@ -163,11 +165,19 @@ class SourcesServer(api.BaseAPI):
         pkgroot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = pkgroot + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with self._lock(name):
+            missing = []
+            if self.remote is not None:  # what the remote has need not be downloaded
+                self.remote.fetch_sources(name, checksums, cache, request["options"])
+                missing = [c for c in checksums if not os.path.isfile(os.path.join(cache, c))]
             # contained: the program and its children (curl, ...) die with osbuild
             proc = subprocess.run(contained([sys.executable, program]), input=json.dumps(request),
                                   capture_output=True, text=True, env=env, check=False,
                                   cwd="/")
-        return self._check(name, proc, checksums)
+            named = self._check(name, proc, checksums)
+            if self.remote is not None:  # share what this host had to download
+                self.remote.upload_sources(name, [c for c in missing if c not in named], cache,
+                                           request["options"])
+        return named
 
     def _check(self, name, proc, checksums):
         stderr = _quote(self.scrub(proc.stderr))
