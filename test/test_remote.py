@@ -12,6 +12,7 @@ import http.server
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -87,7 +88,7 @@ def osbuild(store, manifest, s3, url, *extra, env=None, json_output=True, timeou
     if url:
         cmd += ["--remote", url]
     cmd += [*extra, path]
-    full_env = dict(os.environ, **(s3.env() if s3 else {}), **(env or {}))
+    full_env = {**os.environ, **(s3.env() if s3 else {}), **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=full_env,
                           timeout=timeout, check=False)
 
@@ -556,7 +557,8 @@ def test_malicious_archive_with_matching_treesum_is_refused(s3, tmp_path):
     _assert_built_locally(proc, manifest, tmp_path / "b", f"{token}\nsecond\n", "device node")
     for root, _, names in os.walk(tmp_path / "b"):
         for name in names:
-            assert not os.path.lstat(os.path.join(root, name)).st_mode & 0o060000 == 0o020000
+            mode = os.lstat(os.path.join(root, name)).st_mode
+            assert not stat.S_ISCHR(mode) and not stat.S_ISBLK(mode)
 
 
 @pytest.mark.integration
@@ -598,11 +600,10 @@ def test_remote_stopped_mid_build(s3, tmp_path):
                             cwd=REPO, env=dict(os.environ, **s3.env()),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        work = tmp_path / "a" / "tmp"
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(
-                os.path.exists(os.path.join(tmp_path, "a", "tmp", d, "tree", "etc", "motd"))
-                for d in os.listdir(tmp_path / "a" / "tmp")
-                if os.path.isdir(tmp_path / "a" / "tmp")):
+        while time.monotonic() < deadline and not (work.is_dir() and any(
+                (work / d / "tree" / "etc" / "motd").exists() for d in os.listdir(work))):
             time.sleep(0.05)
         s3.stop_gateway()
         out, err = proc.communicate(timeout=600)
