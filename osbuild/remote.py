@@ -395,6 +395,13 @@ class Remote:
             return [i for i, ok in zip(items, pool.map(guarded, items)) if ok]
 
 
+def _version(text):
+    try:
+        return tuple(int(part) for part in text.split(".")[:2])
+    except ValueError:
+        return (0, 0)
+
+
 def open_remote(url, verbose=True):
     """The Remote for `url`, or None (with a warning) when it cannot be used.
 
@@ -406,6 +413,10 @@ def open_remote(url, verbose=True):
         import botocore.config  # pylint: disable=import-outside-toplevel
     except ImportError:
         warn(f"--remote needs the boto3 module: {INSTALL_HINT}; building locally")
+        return None
+    if _version(boto3.__version__) < (1, 35):
+        warn(f"--remote needs conditional PUT, which boto3 {boto3.__version__} lacks: "
+             f"{INSTALL_HINT}; building locally")
         return None
     config = botocore.config.Config(
         connect_timeout=5, read_timeout=60, retries={"max_attempts": 2, "mode": "standard"},

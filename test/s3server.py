@@ -40,7 +40,8 @@ def cmd(inbuf=b"", **kw):
         sys.exit("mon command %s failed: %s %s" % (kw, ret, err))
     return out
 secret = subprocess.check_output(["ceph-authtool", "--gen-print-key"]).strip().decode()
-osd = cmd(json.dumps({"cephx_secret": secret}).encode(), prefix="osd new", uuid=uuid).strip().decode()
+osd = cmd(json.dumps({"cephx_secret": secret}).encode(), prefix="osd new",
+          uuid=uuid).strip().decode()
 with open(d + "/osd.%s.keyring" % osd, "w") as f:
     f.write("[osd.%s]\n\tkey = %s\n" % (osd, secret))
 with open(d + "/client.rgw.a.keyring", "wb") as f:
@@ -149,7 +150,8 @@ class S3Server:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; logs in {self.base}/log")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"S3 server did not start in {self.timeout} s; logs in {self.base}/log")
+            raise RuntimeError(f"S3 server did not start in {self.timeout} s; "
+                               f"logs in {self.base}/log")
 
     def start(self):
         """Start mon, OSD and radosgw; returns once radosgw answers HTTP."""

@@ -7,6 +7,7 @@ the bucket directly with an admin client, then a real build must neither
 fail nor use the bad object, and the host must stay untouched.
 """
 
+import copy
 import hashlib
 import http.server
 import io
@@ -22,13 +23,13 @@ import uuid
 
 import pytest
 
+from s3server import s3_fixture  # pylint: disable=unused-import
+from hygiene import check_store
+
 from osbuild import remote as remote_mod
 from osbuild.manifest import load
 from osbuild.treesum import treesum
 from osbuild.util import treearchive
-
-from s3server import s3_fixture  # pylint: disable=unused-import
-from hygiene import check_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -297,13 +298,21 @@ BAD_ARCHIVES = {
 }
 
 
+def bad_members(case, token):
+    """Fresh copies of the members of BAD_ARCHIVES[case], names carrying `token`."""
+    members = []
+    for info, data in BAD_ARCHIVES[case]:
+        info = copy.copy(info)
+        info.name = info.name.replace("{token}", token)
+        members.append((info, data))
+    return members
+
+
 @pytest.mark.parametrize("case", sorted(BAD_ARCHIVES))
 def test_unsafe_archive_refused_before_extraction(tmp_path, case):
     """Each unsafe member is refused and nothing lands outside (or inside) the target."""
     token = uuid.uuid4().hex
-    members = [(info, data) for info, data in BAD_ARCHIVES[case]]
-    for info, _ in members:
-        info.name = info.name.replace("{token}", token)
+    members = bad_members(case, token)
     archive = tmp_path / "bad.tar.zst"
     archive.write_bytes(zstd_tar(members))
     dst = tmp_path / "dst"
@@ -526,9 +535,7 @@ def test_malicious_archive_in_bucket(s3, tmp_path, case):
     """A bucket writer's self-consistent malicious archive does not touch the host or the store."""
     token = uuid.uuid4().hex
     manifest, bucket, url, _, tree_id, output_id = _built(s3, tmp_path, token)
-    members = [(info, data) for info, data in BAD_ARCHIVES[case]]
-    for info, _ in members:
-        info.name = info.name.replace("{token}", token)
+    members = bad_members(case, token)
     archive = zstd_tar(members + [member("etc", tarfile.DIRTYPE),
                                   member("etc/motd", data=b"poisoned\n")])
     for object_id in (tree_id, output_id):
@@ -544,7 +551,7 @@ def test_malicious_archive_with_matching_treesum_is_refused(s3, tmp_path):
     """The treesum is no defence against a writer (it can record the right one): the checks are."""
     token = uuid.uuid4().hex
     manifest, bucket, url, _, tree_id, output_id = _built(s3, tmp_path, token)
-    members = [(info, data) for info, data in BAD_ARCHIVES["device"]]
+    members = bad_members("device", "")
     archive = zstd_tar(members)
     # what the tree would hash to if tar had created the device node
     probe = tmp_path / "probe"
@@ -571,11 +578,11 @@ def test_three_hosts_at_once(s3, tmp_path):
     path = tmp_path / "m.json"
     path.write_text(json.dumps(manifest))
     env = dict(os.environ, **s3.env())
-    procs = [subprocess.Popen([sys.executable, "-m", "osbuild", "--libdir", REPO, "--store",
-                               str(tmp_path / f"h{i}"), "--json", "--remote", url,
-                               "--checkpoint", stage_ids[0], str(path)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(3)]
+    argv = [sys.executable, "-m", "osbuild", "--libdir", REPO, "--json", "--remote", url,
+            "--checkpoint", stage_ids[0], str(path)]
+    procs = [subprocess.Popen(  # pylint: disable=consider-using-with
+        argv + ["--store", str(tmp_path / f"h{i}")], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
     for proc in procs:
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
@@ -595,8 +602,8 @@ def test_remote_stopped_mid_build(s3, tmp_path):
     _, url = new_bucket(s3)
     path = tmp_path / "m.json"
     path.write_text(json.dumps(manifest))
-    proc = subprocess.Popen([sys.executable, "-m", "osbuild", "--libdir", REPO, "--store",
-                             str(tmp_path / "a"), "--json", "--remote", url, str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "osbuild", "--libdir", REPO,  # pylint: disable=consider-using-with
+                             "--store", str(tmp_path / "a"), "--json", "--remote", url, str(path)],
                             cwd=REPO, env=dict(os.environ, **s3.env()),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
