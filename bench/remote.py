@@ -87,7 +87,8 @@ def main():
         url = "s3://osbuild-bench/debian"
         env = dict(os.environ, **server.env())
         numbers = {"s3_startup_s": round(startup, 2)}
-        a, ran_a, _ = build(manifest, os.path.join(work, "a"), url, env, "A")
+        a, ran_a, err_a = build(manifest, os.path.join(work, "a"), url, env, "A")
+        numbers["host_a_log"] = err_a.strip().splitlines()
         numbers["host_a_cold_s"] = round(a, 1)
         numbers["host_a_ran"] = len(ran_a)
         b, ran_b, err_b = build(manifest, os.path.join(work, "b"), url, env, "B")
@@ -110,8 +111,12 @@ def main():
     print(f"S3 server start:                 {numbers['s3_startup_s']:6.1f} s")
     print(f"host A, cold, pushes:            {numbers['host_a_cold_s']:6.1f} s "
           f"({numbers['host_a_ran']} programs ran)")
+    for line in numbers["host_a_log"]:
+        print(f"    A {line}")
     print(f"host B, from the remote:         {numbers['host_b_from_remote_s']:6.1f} s "
           f"(programs ran: {len(ran_b)}) = {numbers['ratio_b_over_a']:.3f} x A (goal <= 0.2)")
+    for line in numbers["host_b_log"]:
+        print(f"    B {line}")
     print(f"host C, tree from the remote:    {numbers['host_c_tree_from_remote_s']:6.1f} s "
           f"(ran: {', '.join(ran_c) or 'nothing'})")
     total = sum(v["bytes"] for v in numbers["bucket"].values())
