@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "samples", "debian12-qcow2.json")
 sys.path.insert(0, os.path.join(REPO, "test"))
 
-from s3server import S3Server, available  # noqa: E402  pylint: disable=wrong-import-position
+from s3server import S3Server, available  # noqa: E402  pylint: disable=wrong-import-position,import-error
 
 
 def build(manifest, store, url, env, label):
@@ -63,6 +63,26 @@ def bucket_bytes(client, bucket):
             count, size = kinds.get(kind, (0, 0))
             kinds[kind] = (count + 1, size + item["Size"])
     return kinds
+
+
+def report(numbers):
+    """Print the numbers."""
+    print(f"S3 server start:                 {numbers['s3_startup_s']:6.1f} s")
+    print(f"host A, cold, pushes:            {numbers['host_a_cold_s']:6.1f} s "
+          f"({numbers['host_a_ran']} programs ran)")
+    for line in numbers["host_a_log"]:
+        print(f"    A {line}")
+    print(f"host B, from the remote:         {numbers['host_b_from_remote_s']:6.1f} s "
+          f"(programs ran: {len(numbers['host_b_ran'])}) = "
+          f"{numbers['ratio_b_over_a']:.3f} x A (goal <= 0.2)")
+    for line in numbers["host_b_log"]:
+        print(f"    B {line}")
+    print(f"host C, tree from the remote:    {numbers['host_c_tree_from_remote_s']:6.1f} s "
+          f"(ran: {', '.join(numbers['host_c_ran']) or 'nothing'})")
+    total = sum(v["bytes"] for v in numbers["bucket"].values())
+    print(f"bucket: {total / 1e6:.1f} MB in total")
+    for kind, v in sorted(numbers["bucket"].items()):
+        print(f"  {kind:10s} {v['keys']:5d} keys {v['bytes'] / 1e6:9.1f} MB")
 
 
 def main():
@@ -108,21 +128,7 @@ def main():
         server.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"S3 server start:                 {numbers['s3_startup_s']:6.1f} s")
-    print(f"host A, cold, pushes:            {numbers['host_a_cold_s']:6.1f} s "
-          f"({numbers['host_a_ran']} programs ran)")
-    for line in numbers["host_a_log"]:
-        print(f"    A {line}")
-    print(f"host B, from the remote:         {numbers['host_b_from_remote_s']:6.1f} s "
-          f"(programs ran: {len(ran_b)}) = {numbers['ratio_b_over_a']:.3f} x A (goal <= 0.2)")
-    for line in numbers["host_b_log"]:
-        print(f"    B {line}")
-    print(f"host C, tree from the remote:    {numbers['host_c_tree_from_remote_s']:6.1f} s "
-          f"(ran: {', '.join(ran_c) or 'nothing'})")
-    total = sum(v["bytes"] for v in numbers["bucket"].values())
-    print(f"bucket: {total / 1e6:.1f} MB in total")
-    for kind, v in sorted(numbers["bucket"].items()):
-        print(f"  {kind:10s} {v['keys']:5d} keys {v['bytes'] / 1e6:9.1f} MB")
+    report(numbers)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(numbers, f, indent=2)
