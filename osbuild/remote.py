@@ -28,9 +28,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 
 from osbuild.treesum import treesum
@@ -339,11 +337,9 @@ class Remote:
                 if not os.path.isfile(os.path.join(cache, c))]
         if not todo or not self.usable:
             return []
-        tmpdir = tempfile.mkdtemp(dir=cache, prefix=".tmp-remote-")
-        try:
-            got = self._parallel(lambda c: self._fetch_source(name, c, cache, tmpdir), todo)
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+        # locked: the source program's clean-up of dead work dirs leaves it alone
+        with WorkDir(cache, "work-remote-") as tmpdir:
+            got = self._parallel(lambda c: self._fetch_source(name, c, cache, tmpdir.path), todo)
         if got:
             self.info(f"{len(got)} of {len(todo)} missing {name} file(s) from the remote")
         return got
