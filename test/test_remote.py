@@ -259,6 +259,8 @@ def test_archive_round_trip_keeps_everything(tmp_path):
     os.mkfifo(src / "fifo")
     os.setxattr(src / "a" / "f", "user.test", b"value")
     os.utime(src / "a" / "f", ns=(1, 1_234_567_891))
+    os.utime(src / "abs", ns=(1, 2_000_000_007), follow_symlinks=False)
+    os.utime(src / "a", ns=(1, 3_000_000_011))
     os.chmod(src, 0o750)
     archive = tmp_path / "a.tar.zst"
     treearchive.pack(str(src), str(archive))
@@ -270,6 +272,8 @@ def test_archive_round_trip_keeps_everything(tmp_path):
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777, st.st_nlink) == (123, 456, 0o4755, 2)
     assert st.st_ino == os.lstat(dst / "a" / "b" / "hard").st_ino
     assert st.st_mtime_ns == 1_234_567_891
+    assert os.lstat(dst / "abs").st_mtime_ns == 2_000_000_007
+    assert os.lstat(dst / "a").st_mtime_ns == 3_000_000_011
     assert os.getxattr(dst / "a" / "f", "user.test") == b"value"
     assert os.lstat(dst).st_mode & 0o7777 == 0o750
     # deterministic: the same tree packs to the same bytes
