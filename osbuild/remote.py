@@ -31,7 +31,7 @@ import re
 import sys
 import time
 
-from osbuild.treesum import treesum
+from osbuild.treesum import TreeError, treesum
 from osbuild.util import treearchive
 from osbuild.util.workdir import WorkDir
 
@@ -283,7 +283,11 @@ class Remote:
         finally:
             os.unlink(archive)
         seen = {}
-        actual = treesum(tree, seen=seen)
+        try:
+            actual = treesum(tree, seen=seen)
+        except TreeError as e:
+            warn(f"tree of {object_id} refused: {e}; building locally")
+            return False
         if actual != ref["treesum"]:
             warn(f"tree of {object_id} does not match its recorded treesum "
                  f"(got {actual}); building locally")
