@@ -205,6 +205,7 @@ class S3Server:
     def start_gateway(self, deadline=None):
         """Start radosgw (again, after `stop_gateway()`); waits until it answers."""
         deadline = deadline or time.monotonic() + self.timeout
+        self._stop("rgw.a")  # never two gateways, nor one we lose track of
         self._spawn("rgw.a", "radosgw", "-c", self._conf, "-n", "client.rgw.a", "-f")
         while True:
             try:
