@@ -198,8 +198,8 @@ def run(args):
     for checkpoint in args.checkpoint:
         if checkpoint not in known:
             raise UsageError(f"checkpoint {checkpoint!r} matches no stage of the manifest")
-    store = ObjectStore(args.store)
     remote = open_remote(args)
+    store = ObjectStore(args.store)
     ctx = BuildContext(store, libdir, sources, secrets,
                        monitor=None if args.json else stream_monitor,
                        checkpoints=args.checkpoint, remote=remote)
