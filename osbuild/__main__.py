@@ -6,7 +6,7 @@ import os
 import sys
 
 from osbuild import __version__
-from osbuild.buildroot import BuildRootError, stream_monitor
+from osbuild.buildroot import DEFAULT_MAX_PROCESSES, BuildRootError, stream_monitor
 from osbuild.manifest import host_runner, innermost, load, load_pipeline, validate
 from osbuild.meta import ProgramInfo, ValidationError
 from osbuild.objectstore import ObjectStore, StoreError
@@ -46,6 +46,9 @@ def parse_args(argv):
                              "(repeatable)")
     parser.add_argument("--output-directory", metavar="DIR",
                         help="also place the assembler's output in DIR")
+    parser.add_argument("--max-processes", metavar="N", default=str(DEFAULT_MAX_PROCESSES),
+                        help="most processes (and threads) one program's build root may have "
+                             f"at a time, 0 for no limit (default: {DEFAULT_MAX_PROCESSES})")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON result object instead of the human log")
     parser.add_argument("--inspect", action="store_true",
@@ -165,6 +168,15 @@ def share(remote, store, pipeline, checkpoints, result):
         remote.push(store, remote_store.shared_ids(pipeline, set(checkpoints)))
 
 
+def parse_max_processes(text):
+    """The value of --max-processes: a count (0: no limit)."""
+    if not (text.isascii() and text.isdigit()) or int(text) != 0 and \
+            not 16 <= int(text) <= 4194304:
+        raise UsageError(f"--max-processes {text[:40]!r}: expected 0 (no limit) or a number "
+                         "of processes from 16 to 4194304")
+    return int(text)
+
+
 def run(args):
     """Do what the command line asks; returns the exit status."""
     desc = read_json(args.manifest, "manifest")
@@ -198,11 +210,13 @@ def run(args):
     for checkpoint in args.checkpoint:
         if checkpoint not in known:
             raise UsageError(f"checkpoint {checkpoint!r} matches no stage of the manifest")
+    max_processes = parse_max_processes(args.max_processes)
     remote = open_remote(args)
     store = ObjectStore(args.store)
     ctx = BuildContext(store, libdir, sources, secrets,
                        monitor=None if args.json else stream_monitor,
-                       checkpoints=args.checkpoint, remote=remote)
+                       checkpoints=args.checkpoint, remote=remote,
+                       max_processes=max_processes)
     result = pipeline.run(ctx, runner)
     share(remote, store, pipeline, args.checkpoint, result)
     copied = []

@@ -1,10 +1,16 @@
 """The build root: a systemd-nspawn container that runs one program.
 
 One BuildRoot serves all programs of a pipeline. It owns a directory in
-STORE/tmp holding the (empty) container root and the container's /etc,
-/var and /tmp; the build tree's /usr (and /bin, /sbin, /lib* where they are
-real directories) is bind-mounted read-only. The runner populates /etc once
-for the whole build root, not once per program.
+STORE/tmp holding the (empty) container root and the template of the
+container's /etc; the build tree's /usr (and /bin, /sbin, /lib* where they
+are real directories, checked without following symlinks) is bind-mounted
+read-only.
+
+Nothing one program can write is seen by a later one: the host makes the
+/etc template (see etctemplate.py), the runner's set-up (ldconfig,
+sysusers, ...) runs once in it in a container of its own before the first
+program, and from then on every program gets it read-only, plus a fresh,
+empty /var, /tmp and /root that is removed when the program ends.
 
 Programs run as root of a user namespace: uid 0..65535 inside are an
 unprivileged range on the host, every bind is an idmapped mount (so files
@@ -12,12 +18,16 @@ keep their real owners), and the container has its own network namespace
 with only loopback. Root inside can therefore write the trees it is given
 but cannot remount, mknod, load modules, change sysctls or reach the host's
 network; privileged work (loop devices, mounting image filesystems) is done
-by the host through the APIs (see remoteloop.py).
+by the host through the APIs (see remoteloop.py). Each container runs in a
+pids cgroup of its own (util/pidlimit.py): a program that hits the limit is
+stopped and fails.
 """
 
 import contextlib
 import os
 import random
+import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -25,10 +35,12 @@ import time
 import uuid
 
 import osbuild
+from osbuild import etctemplate
 from osbuild.api import OsbuildAPI
 from osbuild.remoteloop import LoopServer
 from osbuild.util import idmap
 from osbuild.util.lifetime import contained
+from osbuild.util.pidlimit import ProcessLimit, ProcessLimitError
 from osbuild.util.workdir import WorkDir, clean_stale
 
 RUNTIME_DIR = "/run/osbuild"
@@ -43,6 +55,8 @@ _UID_BASES = (0x00080000 // UID_RANGE, 0x6FFF0000 // UID_RANGE)
 # nspawn refuses to rm its propagation directory when /run is not a tmpfs.
 _NSPAWN_NOISE = ('Attempted to remove disk file system under "/run/systemd/nspawn/propagate/',)
 _USR_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# Default of --max-processes: processes (and threads) of one build root.
+DEFAULT_MAX_PROCESSES = 2048
 
 
 class BuildRootError(Exception):
@@ -62,44 +76,83 @@ class RunResult:
         return self.returncode == 0
 
 
-class BuildRoot(contextlib.AbstractContextManager):
-    """Runs programs from `libdir` in containers made from the tree `root`."""
+def escape_bind(path):
+    """`path` as systemd-nspawn's --bind= parser reads it back (':' separates fields)."""
+    return path.replace("\\", "\\\\").replace(":", "\\:")
 
-    def __init__(self, root, runner, libdir, tmpdir):
+
+def tree_dirs(tree, names=_USR_DIRS):
+    """What each of `names` is in `tree`, looked at without following symlinks:
+    {name: ("dir", None) or ("link", target)}; other kinds and missing ones are left out."""
+    found = {}
+    fd = os.open(tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in names:
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                found[name] = ("dir", None)
+            elif stat.S_ISLNK(st.st_mode):
+                found[name] = ("link", os.readlink(name, dir_fd=fd))
+    finally:
+        os.close(fd)
+    return found
+
+
+class BuildRoot(contextlib.AbstractContextManager):
+    """Runs programs from `libdir` in containers made from the tree `root`.
+
+    `max_processes` limits the processes of each container (None or 0: no limit).
+    """
+
+    def __init__(self, root, runner, libdir, tmpdir, max_processes=DEFAULT_MAX_PROCESSES):
         self.root = os.path.abspath(root)
         self.runner = runner
         self.libdir = os.path.abspath(libdir)
+        self.max_processes = max_processes or None
+        if self.max_processes:
+            try:  # fail before anything runs when the host cannot limit processes
+                ProcessLimit(1).close()
+            except ProcessLimitError as e:
+                raise BuildRootError(str(e)) from e
         # Locked while we live, so a concurrent osbuild never removes it.
         self._workdir = WorkDir(tmpdir, "buildroot-")
         self.dir = self._workdir.path
         self.machine_root = os.path.join(self.dir, "root")
         self.etc = os.path.join(self.dir, "etc")
-        self.var = os.path.join(self.dir, "var")
-        self.tmp = os.path.join(self.dir, "tmp")
-        self.home = os.path.join(self.dir, "home")  # root's $HOME, /root
         self.dev = os.path.join(self.dir, "dev")
         self.uid_base = random.randint(*_UID_BASES) * UID_RANGE
-        for d in (self.machine_root, self.etc, self.var, self.tmp, self.home, self.dev):
-            os.mkdir(d, 0o755)
-        os.chmod(self.tmp, 0o1777)
-        os.chmod(self.home, 0o700)
-        self._prepare_root()
+        self._setup = None   # the runner's set-up: None (not yet run) or its RunResult
+        try:
+            for d in (self.machine_root, self.etc, self.dev):
+                os.mkdir(d, 0o755)
+            self._usr = tree_dirs(self.root)
+            self._prepare_root()
+            if self.root == "/":
+                etctemplate.from_host(self.etc)
+            else:
+                etctemplate.from_tree(self.etc, self.root)
+        except etctemplate.EtcError as e:
+            self.cleanup()
+            raise BuildRootError(str(e)) from e
+        except BaseException:
+            self.cleanup()
+            raise
 
     def _prepare_root(self):
-        # Mirror the build tree's merged-/usr symlinks so /bin/sh etc. resolve.
-        for name in _USR_DIRS:
-            src = os.path.join(self.root, name)
+        # Mirror the build tree's merged-/usr symlinks so /bin/sh etc. resolve
+        # (inside the container, so they can point nowhere else).
+        for name, (kind, target) in self._usr.items():
             dst = os.path.join(self.machine_root, name)
-            if os.path.islink(src):
-                os.symlink(os.readlink(src), dst)
-            elif os.path.isdir(src):
+            if kind == "link":
+                os.symlink(target, dst)
+            else:
                 os.mkdir(dst, 0o755)
-        # systemd-nspawn wants an os-release file to accept the directory.
-        os.makedirs(os.path.join(self.machine_root, "etc"), exist_ok=True)
-        os.makedirs(os.path.join(self.machine_root, "usr"), exist_ok=True)
         # The root is mounted read-only (--read-only): nspawn cannot create
         # its mount points there, so they must exist beforehand.
-        for name in ("dev", "proc", "sys", "run", "tmp", "var", "root"):
+        for name in ("etc", "usr", "dev", "proc", "sys", "run", "tmp", "var", "root"):
             os.makedirs(os.path.join(self.machine_root, name), exist_ok=True)
 
     def __exit__(self, *exc):
@@ -112,9 +165,8 @@ class BuildRoot(contextlib.AbstractContextManager):
         the bind `(self.dev, CONTAINER_DEV)` for the nodes.
         """
         paths = [(CONTAINER_TREE, tree)]
-        usr = os.path.join(self.root, "usr")
-        if os.path.isdir(usr) and not os.path.islink(usr):   # bound read-only as /usr
-            paths.append(("/usr", usr))
+        if self._usr.get("usr", ("",))[0] == "dir":   # bound read-only as /usr
+            paths.append(("/usr", os.path.join(self.root, "usr")))
         return LoopServer(self.dev, CONTAINER_DEV, output_dir=output_dir, work_dir=self.dir,
                           paths=paths)
 
@@ -124,7 +176,9 @@ class BuildRoot(contextlib.AbstractContextManager):
             self._workdir.cleanup()
             self.dir = None
 
-    def _nspawn_argv(self, api_dir, binds, ro_binds, network):
+    def _nspawn_argv(self, api_dir, private, binds, ro_binds, network):
+        """`private` is the program's own directory (var, tmp, root), or None for
+        the runner's set-up, which alone gets the /etc template writable."""
         argv = [
             "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2",
             "--link-journal=no", "--console=pipe",
@@ -132,7 +186,7 @@ class BuildRoot(contextlib.AbstractContextManager):
             f"--private-users={self.uid_base}:{UID_RANGE}", "--private-users-ownership=map",
             "--capability=CAP_MAC_ADMIN",
             f"--machine=osbuild-{uuid.uuid4().hex[:16]}",
-            f"--directory={self.machine_root}",
+            f"--directory={escape_bind(self.machine_root)}",
             "--setenv=PYTHONPATH=" + CONTAINER_PYTHON,
             "--setenv=PYTHONUNBUFFERED=1",
             "--setenv=LC_ALL=C.UTF-8",
@@ -140,9 +194,13 @@ class BuildRoot(contextlib.AbstractContextManager):
         ]
         if not network:
             argv.append("--private-network")
-        binds = [(self.etc, "/etc"), (self.var, "/var"), (self.tmp, "/tmp"),
-                 (self.home, "/root"), (api_dir, "/run/osbuild/api"),
-                 *binds]
+        own = [(api_dir, "/run/osbuild/api")]
+        if private is None:
+            own.append((self.etc, "/etc"))
+        else:
+            own += [(os.path.join(private, name), "/" + name) for name in ("var", "tmp", "root")]
+            ro_binds = [(self.etc, "/etc"), *ro_binds]
+        binds = own + list(binds)
         # idmap: uid N inside is uid N on disk, so trees keep their real owners.
         mounts = idmap.MountTable()
         for src, _ in binds + list(ro_binds):
@@ -150,22 +208,31 @@ class BuildRoot(contextlib.AbstractContextManager):
                 raise BuildRootError(f"{src} is on a {mounts.fstype(src)} filesystem, which "
                                      "cannot be idmapped: the store and /run/osbuild must be on "
                                      f"one of {', '.join(idmap.describe())}")
-        argv += [f"--bind={src}:{dst}:idmap" for src, dst in binds]
-        argv += [f"--bind-ro={src}:{dst}:idmap" for src, dst in ro_binds]
+        argv += [f"--bind={escape_bind(src)}:{dst}:idmap" for src, dst in binds]
+        argv += [f"--bind-ro={escape_bind(src)}:{dst}:idmap" for src, dst in ro_binds]
         # Only read (and mostly world-readable): where idmapping is impossible
         # (say the host's /usr on overlayfs) the files show as owned by nobody.
-        shared = [(os.path.join(self.root, name), "/" + name) for name in _USR_DIRS
-                  if os.path.isdir(os.path.join(self.root, name))
-                  and not os.path.islink(os.path.join(self.root, name))]
-        shared.append((os.path.join(self.root, "etc"), "/run/osbuild/buildroot-etc"))
-        argv += [f"--bind-ro={src}:{dst}" + (":idmap" if mounts.supports_idmap(src) else "")
-                 for src, dst in shared]
+        # Only real directories: tree_dirs() looked at them with lstat, and
+        # committed trees do not change while we run.
+        shared = [os.path.join(self.root, name) for name, (kind, _) in self._usr.items()
+                  if kind == "dir"]
+        argv += [f"--bind-ro={escape_bind(src)}:/{os.path.basename(src)}" +
+                 (":idmap" if mounts.supports_idmap(src) else "") for src in shared]
         # Programs and the package: never idmapped, and without what is mounted
         # below them (the store may live inside the libdir, as in a checkout).
-        argv += [f"--bind-ro={self.libdir}:{CONTAINER_LIBDIR}:norbind",
-                 f"--bind-ro={os.path.dirname(os.path.abspath(osbuild.__file__))}:"
-                 f"{CONTAINER_PYTHON}/osbuild:norbind"]
+        package = os.path.dirname(os.path.abspath(osbuild.__file__))
+        argv += [f"--bind-ro={escape_bind(self.libdir)}:{CONTAINER_LIBDIR}:norbind",
+                 f"--bind-ro={escape_bind(package)}:{CONTAINER_PYTHON}/osbuild:norbind"]
         return argv
+
+    def _private_dirs(self):
+        """A fresh, empty /var, /tmp and /root for one program."""
+        workdir = WorkDir(self.dir, "work-")
+        for name, mode in (("var", 0o755), ("tmp", 0o1777), ("root", 0o700)):
+            path = os.path.join(workdir.path, name)
+            os.mkdir(path)
+            os.chmod(path, mode)
+        return workdir
 
     def run(self, kind, name, args, binds=(), ro_binds=(), apis=(), monitor=None,
             network=False):  # pylint: disable=too-many-arguments
@@ -176,24 +243,58 @@ class BuildRoot(contextlib.AbstractContextManager):
         with each chunk of output as it arrives; `network` shares the host's
         network instead of a private one with only loopback.
         """
+        prefix = b""
+        if self._setup is None:
+            self._setup = self._container(["--setup"], None, (), (), None, (), monitor, False)
+            prefix = self._setup.output.encode()
+            if not self._setup.success:
+                msg = (f"osbuild: the set-up of the build root by runner {self.runner} "
+                       f"failed (exit status {self._setup.returncode})\n")
+                if monitor is not None:
+                    monitor(msg.encode())
+                return RunResult(self._setup.returncode, self._setup.output + msg)
+        private = self._private_dirs()
+        try:
+            res = self._container([f"{CONTAINER_LIBDIR}/{kind}/{name}"], private.path,
+                                  binds, ro_binds, args, apis, monitor, network)
+        finally:
+            private.cleanup()
+        if prefix:
+            res.output = prefix.decode() + res.output
+        return res
+
+    def _container(self, program, private, binds, ro_binds, args, apis, monitor, network):
+        """Start the runner with `program` as its arguments in a container with
+        the `apis` and, unless `args` is None, the osbuild API handing out `args`."""
+        # pylint: disable=too-many-arguments,too-many-locals,too-many-branches
         # Socket paths are limited to 108 bytes, so they cannot live in the store.
         os.makedirs(RUNTIME_DIR, mode=0o755, exist_ok=True)
         clean_stale(RUNTIME_DIR, ("api-",))  # left by osbuild processes that died
         api_workdir = WorkDir(RUNTIME_DIR, "api-")
+        limit = None
         try:
             # the container must not outlive us, nor nspawn (see util/lifetime.py)
-            argv = contained(self._nspawn_argv(api_workdir.path, binds, ro_binds, network) + [
-                f"{CONTAINER_LIBDIR}/runners/{self.runner}", f"{CONTAINER_LIBDIR}/{kind}/{name}"])
+            argv = contained(self._nspawn_argv(api_workdir.path, private, binds, ro_binds,
+                                               network) +
+                             [f"{CONTAINER_LIBDIR}/runners/{self.runner}", *program])
+            if self.max_processes:
+                limit = ProcessLimit(self.max_processes)
+                argv = limit.wrap(argv)
+        except ProcessLimitError as e:
+            api_workdir.cleanup()
+            raise BuildRootError(str(e)) from e
         except BaseException:
             api_workdir.cleanup()
             raise
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        servers = [OsbuildAPI(args, write_fd), *apis]
+        servers = ([] if args is None else [OsbuildAPI(args, write_fd)]) + list(apis)
         chunks, errors = [], []
         proc = None
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         pumps = [threading.Thread(target=_pump, args=(read_fd, chunks, monitor), daemon=True),
                  threading.Thread(target=_pump, args=(err_r, errors, None), daemon=True)]
+        done = threading.Event()
+        hit = []
         try:
             for server in servers:
                 server.start(api_workdir.path)
@@ -207,8 +308,12 @@ class BuildRoot(contextlib.AbstractContextManager):
                                     stderr=err_w, close_fds=True, start_new_session=True)
             os.close(err_w)
             err_w = None
+            if limit is not None:
+                threading.Thread(target=_watch_limit, args=(limit, proc, done, hit),
+                                 daemon=True).start()
             returncode = proc.wait()
         finally:
+            done.set()
             if proc is not None and proc.poll() is None:
                 _terminate(proc)
             for server in servers:
@@ -222,9 +327,31 @@ class BuildRoot(contextlib.AbstractContextManager):
                 if not pump.is_alive():
                     os.close(fd)
             api_workdir.cleanup()
+            if limit is not None:
+                if limit.hit():
+                    hit.append(True)
+                limit.close()
         chunks += _filter_noise(errors, monitor)
+        if hit:
+            msg = (f"\nosbuild: the program hit the build root's limit of {self.max_processes} "
+                   "processes (--max-processes) and was stopped\n").encode()
+            chunks.append(msg)
+            if monitor is not None:
+                monitor(msg)
+            returncode = returncode or 1
         output = b"".join(chunks).decode("utf-8", errors="replace")
         return RunResult(returncode, output)
+
+
+def _watch_limit(limit, proc, done, hit):
+    """Kill the container as soon as a fork was refused (a fork bomb would
+    otherwise go on trying until the end of times)."""
+    while not done.wait(0.1):
+        if limit.hit():
+            hit.append(True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
 
 
 def _pump(fd, chunks, monitor):

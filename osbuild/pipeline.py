@@ -4,7 +4,8 @@ import hashlib
 import json
 import os
 
-from osbuild.buildroot import BuildRoot, CONTAINER_DEV, CONTAINER_TREE
+from osbuild.buildroot import (BuildRoot, CONTAINER_DEV, CONTAINER_TREE,
+                               DEFAULT_MAX_PROCESSES)
 from osbuild.meta import receives_secrets, uses_host_network
 from osbuild.objectstore import Object
 from osbuild.util.workdir import WorkDir
@@ -33,13 +34,14 @@ class BuildContext:
     """What every program run of one osbuild invocation shares."""
 
     def __init__(self, store, libdir, sources_options=None, secrets=None, monitor=None,
-                 checkpoints=(), remote=None):
+                 checkpoints=(), remote=None, max_processes=DEFAULT_MAX_PROCESSES):
         self.store = store
         self.libdir = os.path.abspath(libdir)
         self.sources_options = sources_options or {}
         self.secrets = secrets
         self.monitor = monitor
         self.checkpoints = set(checkpoints)
+        self.max_processes = max_processes  # of each build root; 0: no limit
         # an osbuild.remote.Remote shared with other build hosts, or None
         self.remote = remote
 
@@ -85,7 +87,7 @@ class Stage:
         # ld.so.preload) for the programs of this one. One that gets secrets runs
         # in a fresh build root made from the same tree instead.
         with BuildRoot(buildroot.root, buildroot.runner, buildroot.libdir,
-                       ctx.store.tmp) as own:
+                       ctx.store.tmp, ctx.max_processes) as own:
             return _result(self, self._run_in(ctx, own, tree, True))
 
     def _run_in(self, ctx, buildroot, tree, secrets):
@@ -218,7 +220,8 @@ class Pipeline:
             return self._ids(result)
         try:
             root, runner = self._build_root(ctx, result, host_runner)
-            with BuildRoot(root, runner, ctx.libdir, store.tmp) as buildroot:
+            with BuildRoot(root, runner, ctx.libdir, store.tmp,
+                           ctx.max_processes) as buildroot:
                 self._run_stages(ctx, buildroot, result)
                 if self.assembler:
                     self._run_assembler(ctx, buildroot, result)

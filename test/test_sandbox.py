@@ -1,8 +1,8 @@
 """The sandbox a stage runs in, and the host's care with what stages leave.
 
-A stage writes only to its tree and its own /etc, /var, /tmp, /root (and
+A stage writes only to its tree and its own /var, /tmp, /root (and
 the container's private /run): the host's /usr, the libdir, the osbuild package,
-the sources directory, the build root's /etc source and the container root
+the sources directory, the build root's /etc and the container root
 are read-only; the store, other objects, the sources cache and the rest of
 the host are not visible at all; /dev holds no host block devices. Names
 and ids are never used as paths unchecked, and symlinks a stage leaves in a
@@ -56,8 +56,8 @@ def script(text):
 # Paths a stage must not be able to write (container view), and those it may.
 READ_ONLY = ["/usr", "/usr/bin", "/bin", "/run/osbuild/lib", "/run/osbuild/lib/stages",
              "/run/osbuild/python/osbuild", "/run/osbuild/sources",
-             "/run/osbuild/buildroot-etc", "/"]
-WRITABLE = ["/run/osbuild/tree", "/var", "/tmp", "/etc", "/root"]
+             "/etc", "/"]
+WRITABLE = ["/run/osbuild/tree", "/var", "/tmp", "/root"]
 
 
 @pytest.mark.integration

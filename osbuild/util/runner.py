@@ -1,8 +1,11 @@
 """Container set-up shared by the runners (runs inside the build root).
 
-A runner prepares the container's /etc from the build tree's /etc once per
-build root (a marker file records that it was done), then connects stdio
-to the host through the osbuild API and executes the program.
+The host copies the build root's /etc (see osbuild/etctemplate.py) and
+starts the runner once with `--setup`, with /etc writable: the runner then
+does the distribution's set-up (ldconfig, sysusers, CA trust) and exits.
+Every program is started later with its path as the argument, /etc
+read-only: the runner connects stdio to the host through the osbuild API
+and executes it.
 """
 
 import os
@@ -11,35 +14,6 @@ import subprocess
 import sys
 
 from osbuild import api
-
-SOURCE_ETC = "/run/osbuild/buildroot-etc"
-_MARKER = "/etc/.osbuild-runner-ready"
-# Host secrets and identity that programs have no business reading.
-_SKIP_ETC = {"shadow", "shadow-", "gshadow", "gshadow-", "ssh", "sudoers", "sudoers.d",
-             "machine-id", "security", "ssl/private", ".osbuild-runner-ready"}
-
-
-def _ignore(directory, names):
-    rel = os.path.relpath(directory, SOURCE_ETC)
-    return [n for n in names if os.path.normpath(os.path.join(rel, n)) in _SKIP_ETC]
-
-
-def copy_etc(skip=frozenset(_SKIP_ETC)):
-    """Copy the build tree's /etc into the container's /etc, minus secrets."""
-    if not os.path.isdir(SOURCE_ETC):
-        return
-    for entry in sorted(os.listdir(SOURCE_ETC)):
-        if entry in skip:
-            continue
-        src = os.path.join(SOURCE_ETC, entry)
-        dst = os.path.join("/etc", entry)
-        try:
-            if os.path.isdir(src) and not os.path.islink(src):
-                shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True, ignore=_ignore)
-            else:
-                shutil.copy2(src, dst, follow_symlinks=False)
-        except OSError as e:
-            print(f"runner: not copying /etc/{entry}: {e.strerror}", file=sys.stderr)
 
 
 def run_if_present(argv):
@@ -69,11 +43,10 @@ def update_ca_trust():
 
 
 def run(argv, setup):
-    """Do `setup` once per build root, set up stdio, exec `argv`."""
-    if not os.path.exists(_MARKER):
+    """`--setup`: run `setup` and exit; else set up stdio and exec `argv`."""
+    if argv == ["--setup"]:
         setup()
-        with open(_MARKER, "w", encoding="utf-8"):
-            pass
+        sys.exit(0)
     api.setup_stdio()
     if not argv:
         print("runner: no program given", file=sys.stderr)
