@@ -176,9 +176,10 @@ class BuildRoot(contextlib.AbstractContextManager):
             self._workdir.cleanup()
             self.dir = None
 
-    def _nspawn_argv(self, api_dir, private, binds, ro_binds, network):
-        """`private` is the program's own directory (var, tmp, root), or None for
-        the runner's set-up, which alone gets the /etc template writable."""
+    def _nspawn_argv(self, api_dir, private, etc_writable, binds, ro_binds, network):
+        """`private` is the program's own directory (var, tmp, root); only the
+        runner's set-up gets the /etc template writable."""
+        # pylint: disable=too-many-arguments
         argv = [
             "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2",
             "--link-journal=no", "--console=pipe",
@@ -186,7 +187,7 @@ class BuildRoot(contextlib.AbstractContextManager):
             f"--private-users={self.uid_base}:{UID_RANGE}", "--private-users-ownership=map",
             "--capability=CAP_MAC_ADMIN",
             f"--machine=osbuild-{uuid.uuid4().hex[:16]}",
-            f"--directory={escape_bind(self.machine_root)}",
+            f"--directory={self.machine_root}",
             "--setenv=PYTHONPATH=" + CONTAINER_PYTHON,
             "--setenv=PYTHONUNBUFFERED=1",
             "--setenv=LC_ALL=C.UTF-8",
@@ -195,10 +196,10 @@ class BuildRoot(contextlib.AbstractContextManager):
         if not network:
             argv.append("--private-network")
         own = [(api_dir, "/run/osbuild/api")]
-        if private is None:
+        own += [(os.path.join(private, name), "/" + name) for name in ("var", "tmp", "root")]
+        if etc_writable:
             own.append((self.etc, "/etc"))
         else:
-            own += [(os.path.join(private, name), "/" + name) for name in ("var", "tmp", "root")]
             ro_binds = [(self.etc, "/etc"), *ro_binds]
         binds = own + list(binds)
         # idmap: uid N inside is uid N on disk, so trees keep their real owners.
@@ -243,95 +244,48 @@ class BuildRoot(contextlib.AbstractContextManager):
         with each chunk of output as it arrives; `network` shares the host's
         network instead of a private one with only loopback.
         """
-        prefix = b""
+        setup_output = ""
         if self._setup is None:
-            self._setup = self._container(["--setup"], None, (), (), None, (), monitor, False)
-            prefix = self._setup.output.encode()
+            self._setup = self._container(["--setup"], (), (), None, (), monitor, False)
+            setup_output = self._setup.output
             if not self._setup.success:
-                msg = (f"osbuild: the set-up of the build root by runner {self.runner} "
-                       f"failed (exit status {self._setup.returncode})\n")
+                msg = (f"osbuild: the runner {self.runner} could not set up the build root "
+                       f"(exit status {self._setup.returncode})\n")
                 if monitor is not None:
                     monitor(msg.encode())
-                return RunResult(self._setup.returncode, self._setup.output + msg)
-        private = self._private_dirs()
-        try:
-            res = self._container([f"{CONTAINER_LIBDIR}/{kind}/{name}"], private.path,
-                                  binds, ro_binds, args, apis, monitor, network)
-        finally:
-            private.cleanup()
-        if prefix:
-            res.output = prefix.decode() + res.output
+                return RunResult(self._setup.returncode, setup_output + msg)
+        res = self._container([f"{CONTAINER_LIBDIR}/{kind}/{name}"], binds, ro_binds, args,
+                              apis, monitor, network)
+        res.output = setup_output + res.output
         return res
 
-    def _container(self, program, private, binds, ro_binds, args, apis, monitor, network):
+    def _container(self, program, binds, ro_binds, args, apis, monitor, network):
         """Start the runner with `program` as its arguments in a container with
-        the `apis` and, unless `args` is None, the osbuild API handing out `args`."""
-        # pylint: disable=too-many-arguments,too-many-locals,too-many-branches
+        the `apis` and, unless `args` is None (the runner's set-up, which alone
+        gets /etc writable), the osbuild API handing out `args`."""
+        # pylint: disable=too-many-arguments,too-many-positional-arguments
         # Socket paths are limited to 108 bytes, so they cannot live in the store.
         os.makedirs(RUNTIME_DIR, mode=0o755, exist_ok=True)
         clean_stale(RUNTIME_DIR, ("api-",))  # left by osbuild processes that died
-        api_workdir = WorkDir(RUNTIME_DIR, "api-")
-        limit = None
-        try:
+        with contextlib.ExitStack() as stack:
+            private = self._private_dirs()
+            stack.callback(private.cleanup)
+            api_workdir = WorkDir(RUNTIME_DIR, "api-")
+            stack.callback(api_workdir.cleanup)
             # the container must not outlive us, nor nspawn (see util/lifetime.py)
-            argv = contained(self._nspawn_argv(api_workdir.path, private, binds, ro_binds,
-                                               network) +
+            argv = contained(self._nspawn_argv(api_workdir.path, private.path, args is None,
+                                               binds, ro_binds, network) +
                              [f"{CONTAINER_LIBDIR}/runners/{self.runner}", *program])
+            limit = None
             if self.max_processes:
-                limit = ProcessLimit(self.max_processes)
+                try:
+                    limit = ProcessLimit(self.max_processes)
+                except ProcessLimitError as e:
+                    raise BuildRootError(str(e)) from e
+                stack.callback(limit.close)
                 argv = limit.wrap(argv)
-        except ProcessLimitError as e:
-            api_workdir.cleanup()
-            raise BuildRootError(str(e)) from e
-        except BaseException:
-            api_workdir.cleanup()
-            raise
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        servers = ([] if args is None else [OsbuildAPI(args, write_fd)]) + list(apis)
-        chunks, errors = [], []
-        proc = None
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        pumps = [threading.Thread(target=_pump, args=(read_fd, chunks, monitor), daemon=True),
-                 threading.Thread(target=_pump, args=(err_r, errors, None), daemon=True)]
-        done = threading.Event()
-        hit = []
-        try:
-            for server in servers:
-                server.start(api_workdir.path)
-            for pump in pumps:
-                pump.start()
-            # The container starts with nspawn's stdio (errors before the runner
-            # connects to the osbuild API land there); the program's own
-            # output arrives through the log pipe handed out by setup-stdio.
-            # pylint: disable-next=consider-using-with
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err_w,
-                                    stderr=err_w, close_fds=True, start_new_session=True)
-            os.close(err_w)
-            err_w = None
-            if limit is not None:
-                threading.Thread(target=_watch_limit, args=(limit, proc, done, hit),
-                                 daemon=True).start()
-            returncode = proc.wait()
-        finally:
-            done.set()
-            if proc is not None and proc.poll() is None:
-                _terminate(proc)
-            for server in servers:
-                server.stop()
-            os.close(write_fd)
-            if err_w is not None:
-                os.close(err_w)
-            for pump, fd in zip(pumps, (read_fd, err_r)):
-                if pump.ident is not None:
-                    pump.join(timeout=30)
-                if not pump.is_alive():
-                    os.close(fd)
-            api_workdir.cleanup()
-            if limit is not None:
-                if limit.hit():
-                    hit.append(True)
-                limit.close()
-        chunks += _filter_noise(errors, monitor)
+            returncode, chunks, hit = _execute(argv, api_workdir.path, args, apis, monitor,
+                                               limit)
         if hit:
             msg = (f"\nosbuild: the program hit the build root's limit of {self.max_processes} "
                    "processes (--max-processes) and was stopped\n").encode()
@@ -339,8 +293,55 @@ class BuildRoot(contextlib.AbstractContextManager):
             if monitor is not None:
                 monitor(msg)
             returncode = returncode or 1
-        output = b"".join(chunks).decode("utf-8", errors="replace")
-        return RunResult(returncode, output)
+        return RunResult(returncode, b"".join(chunks).decode("utf-8", errors="replace"))
+
+
+def _execute(argv, api_dir, args, apis, monitor, limit):
+    """Run the container command `argv` with the API servers in `api_dir`;
+    returns (exit status, output chunks, whether the process limit was hit)."""
+    # pylint: disable=too-many-arguments,too-many-positional-arguments,too-many-locals
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    servers = ([] if args is None else [OsbuildAPI(args, write_fd)]) + list(apis)
+    chunks, errors, hit = [], [], []
+    proc = None
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pumps = [threading.Thread(target=_pump, args=(read_fd, chunks, monitor), daemon=True),
+             threading.Thread(target=_pump, args=(err_r, errors, None), daemon=True)]
+    done = threading.Event()
+    try:
+        for server in servers:
+            server.start(api_dir)
+        for pump in pumps:
+            pump.start()
+        # The container starts with nspawn's stdio (errors before the runner
+        # connects to the osbuild API land there); the program's own
+        # output arrives through the log pipe handed out by setup-stdio.
+        # pylint: disable-next=consider-using-with
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err_w,
+                                stderr=err_w, close_fds=True, start_new_session=True)
+        os.close(err_w)
+        err_w = None
+        if limit is not None:
+            threading.Thread(target=_watch_limit, args=(limit, proc, done, hit),
+                             daemon=True).start()
+        returncode = proc.wait()
+    finally:
+        done.set()
+        if proc is not None and proc.poll() is None:
+            _terminate(proc)
+        for server in servers:
+            server.stop()
+        os.close(write_fd)
+        if err_w is not None:
+            os.close(err_w)
+        for pump, fd in zip(pumps, (read_fd, err_r)):
+            if pump.ident is not None:
+                pump.join(timeout=30)
+            if not pump.is_alive():
+                os.close(fd)
+    if limit is not None and limit.hit():
+        hit.append(True)
+    return returncode, chunks + _filter_noise(errors, monitor), bool(hit)
 
 
 def _watch_limit(limit, proc, done, hit):
