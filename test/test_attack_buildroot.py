@@ -264,13 +264,13 @@ def test_programs_get_a_fresh_build_root(tmp_path):
     status, result, stderr, _ = osbuild(tmp_path / "store", desc)
     assert status == 0, stderr
     first, second = result["stages"][0]["output"], result["stages"][1]["output"]
+    assert "checked\n" in second, second
+    assert "PWNED" not in second and "PWNED" not in result["assembler"]["output"], second
+    assert "LEFT" not in second, second
     # the planting stage itself could write its own /tmp, /root (and proves the payload works)
     assert "PLANTED /tmp" in first and "PLANTED /root/.local" in first, first
     assert "PWNED" in first, first
     assert "PLANTED /etc" not in first, first
-    assert "checked\n" in second, second
-    assert "PWNED" not in second and "PWNED" not in result["assembler"]["output"]
-    assert "LEFT" not in second, second
 
 
 # -- a store path with ':' --------------------------------------------------------------
