@@ -84,7 +84,7 @@ def test_host_etc_is_not_the_build_roots(tmp_path):
     os.chmod(canary, 0o644)
     try:
         text = ("set +e; cat /etc/shadow /etc/gshadow /run/osbuild/buildroot-etc/shadow; "
-                f"cat /etc/osbuild-canary-* /run/osbuild/buildroot-etc/osbuild-canary-*; "
+                "cat /etc/osbuild-canary-* /run/osbuild/buildroot-etc/osbuild-canary-*; "
                 "grep -rl CANARY /etc /run 2>/dev/null; "
                 "ls -A /etc | sed 's/^/ETC /'; sed 's/^/PASSWD /' /etc/passwd; "
                 "[ -e /etc/ssl/private ] && echo PRIVATE; [ -e /etc/machine-id ] && echo MID; "
@@ -286,3 +286,40 @@ def test_store_path_with_colon_and_backslash(tmp_path):
     status, result, stderr, _ = osbuild(store, desc)
     assert status == 0, (stderr, result)
     assert os.path.exists(store / "refs" / result["output_id"] / "t.tar")
+
+
+@pytest.mark.integration
+def test_cgroup_of_a_killed_osbuild_is_removed_later(tmp_path):
+    """osbuild SIGKILLed mid-stage leaves its (emptied) pids cgroup; the next build
+    removes it, and its own when it is done."""
+    hierarchy = pidlimit.find_hierarchy()
+    parent = os.path.join(hierarchy, "osbuild")
+    token = uuid.uuid4().hex
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"pipeline": {"stages": [script(f": {token}; sleep 60")]}}))
+    with subprocess.Popen([sys.executable, "-m", "osbuild", "--libdir", REPO, "--store",
+                           str(tmp_path / "store"), "--json", str(manifest)], cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        deadline = time.monotonic() + 60
+        mine = []
+        while not mine and time.monotonic() < deadline:
+            mine = [d for d in os.listdir(parent) if d.startswith(f"{proc.pid}-")
+                    and _count(os.path.join(parent, d)) > 3]
+            time.sleep(0.05)
+        assert mine, "the stage never started"
+        proc.kill()
+    assert not leftovers(tmp_path, markers=[token])
+    assert os.path.isdir(os.path.join(parent, mine[0]))
+    status, _, stderr, pid = osbuild(tmp_path / "store2",
+                                     {"pipeline": {"stages": [script("true")]}})
+    assert status == 0, stderr
+    assert not os.path.exists(os.path.join(parent, mine[0]))
+    assert not [d for d in os.listdir(parent) if d.startswith(f"{pid}-")]
+
+
+def _count(cgroup):
+    try:
+        with open(os.path.join(cgroup, "pids.current"), encoding="ascii") as f:
+            return int(f.read())
+    except OSError:
+        return 0

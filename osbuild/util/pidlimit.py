@@ -117,11 +117,6 @@ class ProcessLimit:
             pass
         return False
 
-    def current(self):
-        """The number of processes in the cgroup now."""
-        with open(os.path.join(self.path, "pids.current"), encoding="ascii") as f:
-            return int(f.read())
-
     def close(self, timeout=10):
         """Remove the cgroup; waits (up to `timeout` s) for the last processes to be reaped."""
         deadline = time.monotonic() + timeout
