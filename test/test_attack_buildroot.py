@@ -165,7 +165,8 @@ def test_build_tree_symlinks_are_not_followed(tmp_path):
     desc = {"pipeline": {
         "build": {"runner": "org.osbuild.debian12",
                   "pipeline": {"stages": [script(_build_tree_script(hostdir))]}},
-        "stages": [script("set +e; cat /etc/shadow /lib32/shadow /run/osbuild/buildroot-etc/shadow; "
+        "stages": [script("set +e; "
+                          "cat /etc/shadow /lib32/shadow /run/osbuild/buildroot-etc/shadow; "
                           "ls -A /etc | sed 's/^/ETC /'; echo done > done")]}}
     status, result, stderr, _ = osbuild(tmp_path / "store", desc)
     assert result is not None, stderr
@@ -257,7 +258,7 @@ def test_programs_get_a_fresh_build_root(tmp_path):
              f"printf '%s\\n' \"{PAYLOAD}\" > $d/usercustomize.py; done; "
              "echo x > /tmp/left; echo x > /var/left; echo x > /root/left; "
              "python3 -c 'print(\"self\")'")
-    check = ("find /tmp /var /root -mindepth 1 | sed 's/^/LEFT /'; python3 -c 'print(\"checked\")'")
+    check = "find /tmp /var /root -mindepth 1 | sed 's/^/LEFT /'; python3 -c 'print(\"checked\")'"
     desc = {"pipeline": {"stages": [script(plant), script(check)],
                          "assembler": {"name": "org.osbuild.tar",
                                        "options": {"filename": "t.tar"}}}}
