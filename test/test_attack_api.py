@@ -604,7 +604,7 @@ def main(out):
         f.truncate(MIB)
     os.symlink("/tmp/elsewhere", os.path.join(out, "link"))
     openers = {
-        "host-passwd": lambda: os.open("/run/osbuild/buildroot-etc/passwd", os.O_RDONLY),
+        "host-passwd": lambda: os.open("/etc/passwd", os.O_RDONLY),
         "host-python": lambda: os.open(os.path.realpath(sys.executable), os.O_RDONLY),
         "output-readonly": lambda: os.open(image, os.O_RDONLY),
         "tmp-file": lambda: os.open("/tmp/elsewhere", os.O_RDWR),
@@ -710,9 +710,9 @@ ESP_START, ESP_SIZE = 2048, 32768
 VFAT_TREE = """
 mkdir -p boot/efi/EFI/BOOT etc
 echo efi > boot/efi/EFI/BOOT/BOOTX64.EFI
-ln -s /run/osbuild/buildroot-etc/passwd boot/efi/passwd-link
-ln -s /run/osbuild/buildroot-etc boot/efi/EFI/etc-link
-ln -s /run/osbuild/buildroot-etc/passwd etc/leak
+ln -s /etc/passwd boot/efi/passwd-link
+ln -s /etc boot/efi/EFI/etc-link
+ln -s /etc/passwd etc/leak
 mkfifo boot/efi/fifo
 """
 
@@ -756,7 +756,7 @@ def assert_no_host_passwd(raw):
 def test_linked_vfat_mountpoint_copies_nothing(tmp_path):
     """The tree's /boot/efi is a link to the host's /etc (as the build root shows it):
     the ESP stays empty, with a warning, instead of receiving the host's /etc."""
-    tree = "mkdir boot\nln -s /run/osbuild/buildroot-etc boot/efi\n"
+    tree = "mkdir boot\nln -s /etc boot/efi\n"
     store = tmp_path / "store"
     manifest = {"pipeline": {"stages": [script(tree)], "assembler": {
         "name": "org.osbuild.qemu", "options": vfat_options("attack-vfat-link.raw")}}}
@@ -807,5 +807,5 @@ def test_symlinks_do_not_carry_host_files_into_images(tmp_path):
     listing = subprocess.run(["tar", "-tvf", tarball], capture_output=True, text=True,
                              check=True).stdout
     [leak] = [line for line in listing.splitlines() if line.endswith(
-        "etc/leak -> /run/osbuild/buildroot-etc/passwd")]
+        "etc/leak -> /etc/passwd")]
     assert leak.startswith("l"), leak
