@@ -324,3 +324,10 @@ def _count(cgroup):
             return int(f.read())
     except OSError:
         return 0
+
+
+def test_no_pids_cgroup_is_a_clear_error():
+    """Where no pids cgroup can be made, the build root refuses to start instead of
+    running programs without a limit."""
+    with pytest.raises(pidlimit.ProcessLimitError, match="cannot create a pids cgroup"):
+        pidlimit.ProcessLimit(64, hierarchy="/proc/sys")
