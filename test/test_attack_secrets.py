@@ -445,18 +445,20 @@ for fd in glob.glob("/proc/self/fd/*"):
 
 
 def test_earlier_stage_cannot_plant_code_for_dnf(tmp_path, entitled):
-    """An earlier stage writes a sitecustomize.py into the build root's /etc (shared by
-    the stages of a pipeline): dnf, which holds the secret, must not run it, because a
-    stage that receives secrets gets a build root of its own."""
+    """An earlier stage tries to leave a sitecustomize.py in the build root's /etc (now
+    read-only) and a user site in /root (fresh per program): dnf, which holds the
+    secret, must not run it (and a stage that receives secrets also gets a build
+    root of its own)."""
     repo, secrets, marker = entitled
     store = tmp_path / "store"
     plant = {"name": "org.osbuild.script", "options": {"script": textwrap.dedent(f"""\
-        for d in /etc/python3*/; do
-          cat > "$d/sitecustomize.py" <<'EOF'
+        for d in /etc/python3*/ /root/.local/lib/python3.11/site-packages/; do
+          mkdir -p "$d" || true
+          cat > "$d/sitecustomize.py" <<'EOF' || echo "refused: $d"
         {textwrap.indent(TROJAN, "        ").strip()}
         EOF
+          cp "$d/sitecustomize.py" "$d/usercustomize.py" 2>/dev/null || true
         done
-        ls /etc/python3*/sitecustomize.py
         """)}}
     mf = manifest(repo)
     mf["pipeline"]["stages"].insert(1, plant)
