@@ -1,8 +1,21 @@
 """Command line: parse, load, run, print (DESIGN 1.1)."""
 
+# Ctrl-C before main() is reached (while the modules below load) must not
+# print a traceback: exit 130 with one line. main() takes over from here.
+import os
+import signal
+
+
+def _interrupted_early(_signum, _frame):
+    os.write(2, b"\nosbuild: interrupted\n")
+    os._exit(130)  # pylint: disable=protected-access
+
+
+signal.signal(signal.SIGINT, _interrupted_early)
+
+# pylint: disable=wrong-import-position
 import argparse
 import json
-import os
 import sys
 
 from osbuild import __version__
@@ -14,7 +27,7 @@ from osbuild.output import OutputError, copy_output
 from osbuild.pipeline import BuildContext, Pipeline
 from osbuild import remote as remote_store
 from osbuild.schema import check_pipeline
-from osbuild.util import nesting
+from osbuild.util import nesting, strictjson
 
 DEFAULT_LIBDIR = "/usr/lib/osbuild"
 
@@ -23,15 +36,22 @@ class UsageError(Exception):
     """Bad command-line input (a file that is missing or malformed, …)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UsageErrors (so --json can report them)."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see osbuild --help)")
+
+
 def parse_args(argv):
     """Parse the command line."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="osbuild", description="Build operating-system images from a JSON manifest.")
     parser.add_argument("manifest", metavar="MANIFEST",
                         help="the manifest (JSON file), or - to read it from stdin")
     parser.add_argument("--store", metavar="DIR", default=".osbuild",
                         help="directory of the object store (default: .osbuild)")
-    parser.add_argument("--libdir", metavar="DIR", default=DEFAULT_LIBDIR,
+    parser.add_argument("-l", "--libdir", metavar="DIR", default=DEFAULT_LIBDIR,
                         help="directory holding stages/ assemblers/ sources/ runners/ "
                              f"(default: {DEFAULT_LIBDIR})")
     parser.add_argument("--sources", metavar="FILE",
@@ -75,7 +95,7 @@ def read_json(path, what):
     except UnicodeDecodeError as e:
         raise UsageError(f"{what} {path} is not UTF-8 text: {e.reason}") from None
     try:
-        value = json.loads(text)
+        value = strictjson.loads(text)
     except ValueError as e:
         raise UsageError(f"{what} {path} is not valid JSON: {e}") from None
     except RecursionError:
@@ -84,6 +104,18 @@ def read_json(path, what):
             nesting.depth(value, stop=nesting.MAX_DEPTH) > nesting.MAX_DEPTH:
         raise UsageError(f"{what} {path} is nested too deeply "
                          f"(more than {nesting.MAX_DEPTH} levels)")
+    try:
+        strictjson.check(value, "" if what == "manifest" else what.split()[0])
+    except ValidationError as e:
+        raise UsageError(f"{what} {path}: {e}") from None
+    return value
+
+
+def read_object(path, what):
+    """Read a JSON file that must hold an object."""
+    value = read_json(path, what)
+    if not isinstance(value, dict):
+        raise UsageError(f"{what} {path}: expected a JSON object")
     return value
 
 
@@ -108,7 +140,7 @@ def _rebuild(pipeline):
         pipeline.build = _rebuild(pipeline.build)
     fresh = Pipeline(pipeline.runner, pipeline.build)
     for stage in pipeline.stages:
-        fresh.add_stage(stage.name, stage.options)
+        fresh.add_stage(stage.name, stage.sources, stage.options)
     if pipeline.assembler:
         fresh.set_assembler(pipeline.assembler.name, pipeline.assembler.options)
     return fresh
@@ -177,23 +209,23 @@ def parse_max_processes(text):
     return int(text)
 
 
+def print_json(value, indent=None):
+    """Print `value` as one strict JSON document (never NaN or Infinity)."""
+    sys.stdout.write(json.dumps(value, indent=indent, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
 def run(args):
     """Do what the command line asks; returns the exit status."""
     desc = read_json(args.manifest, "manifest")
     manifest = load(desc, args.libdir)
+    for warning in manifest.warnings:
+        print(f"osbuild: warning: {warning}", file=sys.stderr)
     pipeline = manifest.pipeline
     if args.build_env:
         pipeline = load_build_env(args.build_env, pipeline, args.libdir)
-    sources = manifest.sources
-    if args.sources:
-        sources = read_json(args.sources, "sources file")
-        if not isinstance(sources, dict):
-            raise UsageError(f"sources file {args.sources}: expected a JSON object")
-    secrets = None
-    if args.secrets:
-        secrets = read_json(args.secrets, "secrets file")
-        if not isinstance(secrets, dict):
-            raise UsageError(f"secrets file {args.secrets}: expected a JSON object")
+    sources = read_object(args.sources, "sources file") if args.sources else manifest.sources
+    secrets = read_object(args.secrets, "secrets file") if args.secrets else None
     libdir = os.path.abspath(args.libdir)
     if not os.path.isdir(os.path.join(libdir, "stages")):
         raise UsageError(f"libdir {libdir} has no stages/ directory (use --libdir)")
@@ -202,8 +234,7 @@ def run(args):
         ProgramInfo.load(libdir, "sources", name).validate(
             {} if opts is None else opts, f"sources.{name}")
     if args.inspect:
-        json.dump(inspect(pipeline, sources), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(inspect(pipeline, sources), indent=2)
         return 0
     runner = host_runner(libdir)
     known = set(pipeline.all_stage_ids())
@@ -227,8 +258,7 @@ def run(args):
             print(f"osbuild: {e}", file=sys.stderr)
             result["success"] = False
     if args.json:
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
+        print_json(result)
     else:
         print_human(result)
         for path in copied:
@@ -236,28 +266,42 @@ def run(args):
     return 0 if result["success"] else 1
 
 
+def fail(message, as_json, status=1):
+    """Report an error as one line on stderr (and, with --json, a JSON result on stdout)."""
+    print(f"osbuild: {message}", file=sys.stderr)
+    if as_json:
+        print_json({"success": False, "error": message})
+    return status
+
+
 def main(argv=None):
     """Entry point of the `osbuild` command."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # --json before parsing: a command-line error is also reported as JSON
+    as_json = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
     try:
-        return run(args)
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt now
+            return run(parse_args(argv))
+        finally:
+            # a second Ctrl-C while reporting must not print a traceback either
+            signal.signal(signal.SIGINT, _interrupted_early)
     except KeyboardInterrupt:
-        print("\nosbuild: interrupted", file=sys.stderr)
+        if as_json:
+            print_json({"success": False, "error": "interrupted"})
+        os.write(2, b"\nosbuild: interrupted\n")
         return 130
     except (UsageError, ValidationError, StoreError, BuildRootError,
             remote_store.RemoteError) as e:
-        print(f"osbuild: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e), as_json)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
-        print(f"osbuild: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
+        return fail(f"{e.strerror or e}{where}", as_json)
     except Exception as e:  # pylint: disable=broad-exception-caught
         if os.environ.get("OSBUILD_DEBUG"):
             raise
-        print(f"osbuild: internal error: {type(e).__name__}: {e} "
-              "(set OSBUILD_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 1
+        return fail(f"internal error: {type(e).__name__}: {e} "
+                    "(set OSBUILD_DEBUG=1 for a traceback)", as_json)
 
 
 if __name__ == "__main__":

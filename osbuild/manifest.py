@@ -4,17 +4,22 @@ import json
 import os
 
 from osbuild.meta import ProgramInfo, ValidationError, program_path
-from osbuild.pipeline import Pipeline
+from osbuild.pipeline import Pipeline, detect_host_runner, detect_os
 from osbuild.schema import check_manifest
-from osbuild.util import nesting
+from osbuild.util import nesting, strictjson
+
+# Top-level keys of the manifest format; any other top-level key is ignored
+# with a warning, as the original ignored it (see README, "compatibility").
+MANIFEST_KEYS = ("pipeline", "sources")
 
 
 class Manifest:
-    """A loaded manifest: the pipeline and the sources options."""
+    """A loaded manifest: the pipeline, the sources options and load warnings."""
 
-    def __init__(self, pipeline, sources):
+    def __init__(self, pipeline, sources, warnings=()):
         self.pipeline = pipeline
         self.sources = sources
+        self.warnings = list(warnings)
 
     def description(self):
         """The canonical manifest form."""
@@ -42,7 +47,7 @@ def _check_keys(obj, allowed, where):
 
 def _step(desc, where, kind):
     _expect(desc, (dict,), where, kind)
-    _check_keys(desc, ("name", "options"), where)
+    _check_keys(desc, ("name", "options", "id"), where)
     if "name" not in desc:
         raise ValidationError(f"{where}: 'name' is required")
     _expect(desc["name"], (str,), f"{where}.name", "name")
@@ -53,11 +58,26 @@ def _step(desc, where, kind):
     return desc["name"], options
 
 
-def load_pipeline(desc, where, runner=None):
-    """Build a Pipeline from its description; `where` names it in errors."""
+def _check_id(desc, key, actual, where):
+    """An `id`/`tree_id`/`output_id` (as --inspect prints them) must be the computed one."""
+    if key not in desc:
+        return
+    given = desc[key]
+    if given != actual:
+        raise ValidationError(f"{where}.{key}: {json.dumps(given)[:80]} does not match the "
+                              f"computed id {json.dumps(actual)}")
+
+
+def load_pipeline(desc, where, runner=None, sources_options=None):
+    """Build a Pipeline from its description; `where` names it in errors.
+
+    The ids `--inspect` adds (`id` of each stage and the assembler,
+    `tree_id`, `output_id`) are accepted and must match the computed ones.
+    """
     _expect(desc, (dict,), where or "manifest", "pipeline")
     prefix = where + "." if where else ""
-    _check_keys(desc, ("build", "stages", "assembler", "runner"), where or "manifest")
+    _check_keys(desc, ("build", "stages", "assembler", "runner", "tree_id", "output_id"),
+                where or "manifest")
     build = None
     build_desc = desc.get("build")
     if build_desc is not None and build_desc != {}:
@@ -68,7 +88,8 @@ def load_pipeline(desc, where, runner=None):
             raise ValidationError(f"{bwhere}: 'runner' is required")
         _expect(build_desc["runner"], (str,), f"{bwhere}.runner", "runner")
         inner = build_desc.get("pipeline")
-        build = load_pipeline({} if inner is None else inner, f"{bwhere}.pipeline")
+        build = load_pipeline({} if inner is None else inner, f"{bwhere}.pipeline",
+                              sources_options=sources_options)
         runner = build_desc["runner"]
     elif desc.get("runner") is not None:
         _expect(desc["runner"], (str,), prefix + "runner", "runner")
@@ -79,11 +100,15 @@ def load_pipeline(desc, where, runner=None):
     _expect(stages, (list,), prefix + "stages", "stages")
     for i, stage in enumerate(stages):
         name, options = _step(stage, f"{prefix}stages[{i}]", "stage")
-        pipeline.add_stage(name, options)
+        added = pipeline.add_stage(name, sources_options, options)
+        _check_id(stage, "id", added.id, f"{prefix}stages[{i}]")
     assembler = desc.get("assembler")
     if assembler is not None and assembler != {}:
         name, options = _step(assembler, prefix + "assembler", "assembler")
-        pipeline.set_assembler(name, options)
+        added = pipeline.set_assembler(name, options)
+        _check_id(assembler, "id", added.id, prefix + "assembler")
+    _check_id(desc, "tree_id", pipeline.tree_id, where or "manifest")
+    _check_id(desc, "output_id", pipeline.output_id, where or "manifest")
     return pipeline
 
 
@@ -93,16 +118,45 @@ def load(desc, libdir=None):
     The structure is checked against schemas/osbuild1.json (see osbuild.schema) first.
     """
     nesting.check(desc, "manifest")  # before anything that recurses per level
+    strictjson.check(desc)
+    warnings = []
+    if isinstance(desc, dict) and "pipeline" in desc:
+        extra = sorted(k for k in desc if k not in MANIFEST_KEYS)
+        for key in extra:
+            warnings.append(f"manifest: unknown top-level key '{key[:80]}' ignored "
+                            "(as the original osbuild did"
+                            + ("; it does not select the runner)" if key == "runner" else ")"))
+        desc = {k: v for k, v in desc.items() if k in MANIFEST_KEYS}
     check_manifest(desc, libdir)
     _expect(desc, (dict,), "manifest", "manifest")
     if "pipeline" in desc:
-        _check_keys(desc, ("pipeline", "sources"), "manifest")
         sources = desc.get("sources")
         sources = {} if sources is None else sources
         _expect(sources, (dict,), "sources", "sources")
         pipeline = desc["pipeline"]
-        return Manifest(load_pipeline({} if pipeline is None else pipeline, "pipeline"), sources)
-    return Manifest(load_pipeline(desc, ""), {})
+        return Manifest(load_pipeline({} if pipeline is None else pipeline, "pipeline",
+                                      sources_options=sources), sources, warnings)
+    return Manifest(load_pipeline(desc, ""), {}, warnings)
+
+
+def load_original(description, sources_options):
+    """The original osbuild's `osbuild.load()`: a Pipeline from a pipeline description.
+
+    `description` is a pipeline (the value of a manifest's `pipeline` key),
+    checked like the CLI checks its structure; `sources_options` are given
+    to every stage (`Stage.sources`). Without a build pipeline the runner is
+    the host's (None when the host has no os-release).
+    """
+    nesting.check(description, "pipeline")
+    strictjson.check(description)
+    pipeline = load_pipeline(description, "", sources_options=sources_options)
+    inner = innermost(pipeline)
+    if inner.runner is None:
+        try:
+            inner.runner = detect_host_runner()
+        except FileNotFoundError:
+            pass
+    return pipeline
 
 
 def validate(pipeline, libdir, where="pipeline", _infos=None):
@@ -110,19 +164,26 @@ def validate(pipeline, libdir, where="pipeline", _infos=None):
     prefix = where + "." if where else ""
     # Each program is read once, however many stages use it.
     infos = {} if _infos is None else _infos
-    def info_of(kind, name):
+    def info_of(kind, name, where):
         if (kind, name) not in infos:
-            infos[kind, name] = ProgramInfo.load(libdir, kind, name)
+            try:
+                infos[kind, name] = ProgramInfo.load(libdir, kind, name)
+            except ValidationError as e:
+                raise ValidationError(f"{where}: {e}") from None
         return infos[kind, name]
     if pipeline.build:
         validate(pipeline.build, libdir, f"{prefix}build.pipeline", infos)
     if pipeline.runner is not None:
-        program_path(libdir, "runners", pipeline.runner)
+        try:
+            program_path(libdir, "runners", pipeline.runner)
+        except ValidationError as e:
+            where = f"{prefix}build.runner" if pipeline.build else f"{prefix}runner"
+            raise ValidationError(f"{where}: {e}") from None
     for i, stage in enumerate(pipeline.stages):
-        info = info_of("stages", stage.name)
+        info = info_of("stages", stage.name, f"{prefix}stages[{i}].name")
         info.validate(stage.options, f"{prefix}stages[{i}].options")
     if pipeline.assembler:
-        info = info_of("assemblers", pipeline.assembler.name)
+        info = info_of("assemblers", pipeline.assembler.name, f"{prefix}assembler.name")
         info.validate(pipeline.assembler.options, f"{prefix}assembler.options")
 
 
@@ -135,20 +196,13 @@ def innermost(pipeline):
 
 def host_runner(libdir, os_release_paths=("/etc/os-release", "/usr/lib/os-release")):
     """`org.osbuild.<ID><VERSION_ID without dots>` from the host's os-release(5)."""
-    for path in os_release_paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError:
-            continue
-        fields = {}
-        for line in text.splitlines():
-            if "=" in line and not line.lstrip().startswith("#"):
-                key, value = line.split("=", 1)
-                fields[key.strip()] = value.strip().strip("\"'")
-        name = f"org.osbuild.{fields.get('ID', '')}{fields.get('VERSION_ID', '').replace('.', '')}"
-        if not os.path.exists(os.path.join(libdir, "runners", name)):
-            raise ValidationError(f"no runner for this host: {name} is not in {libdir}/runners")
-        return name
-    raise ValidationError("cannot detect the host's runner: "
-                          "no /etc/os-release or /usr/lib/os-release")
+    try:
+        name = "org.osbuild." + detect_os(*os_release_paths)
+    except FileNotFoundError:
+        raise ValidationError("cannot detect the host's runner: "
+                              f"no {' or '.join(os_release_paths)}") from None
+    except OSError as e:
+        raise ValidationError(f"cannot read the host's os-release: {e}") from None
+    if not os.path.exists(os.path.join(libdir, "runners", name)):
+        raise ValidationError(f"no runner for this host: {name} is not in {libdir}/runners")
+    return name

@@ -17,7 +17,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import stat
 import tempfile
 
@@ -25,7 +24,10 @@ from osbuild.treesum import TreeError, treesum
 from osbuild.util.fs import copy_tree, remove_tree
 from osbuild.util.workdir import WorkDir, clean_stale
 
-_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+# Object ids are file names under refs/: the ids osbuild computes are hex,
+# but (as in the original) any name that is a single safe path component
+# works. 251 leaves room for the "ref-" prefix of the temporary link.
+_MAX_ID = 251
 # Version of STORE/index/* records: the file digest scheme of treesum.
 INDEX_FORMAT = 2
 
@@ -35,8 +37,10 @@ class StoreError(Exception):
 
 
 def _check_id(object_id):
-    if not isinstance(object_id, str) or not _ID_RE.fullmatch(object_id):
-        raise StoreError(f"invalid object id: {object_id!r}")
+    if not isinstance(object_id, str) or object_id in ("", ".", "..") or "/" in object_id \
+            or "\0" in object_id or len(object_id.encode("utf-8", "surrogateescape")) > _MAX_ID:
+        shown = object_id[:100] if isinstance(object_id, str) else object_id
+        raise StoreError(f"invalid object id: {shown!r}")
 
 
 def _private_dir(path):

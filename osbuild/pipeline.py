@@ -59,16 +59,27 @@ class BuildContext:
 
 
 class Stage:
-    """One stage: a program that modifies the tree."""
+    """One stage: a program that modifies the tree.
+
+    The arguments are the original osbuild's: `sources_options` (the
+    manifest's `sources`, kept as `sources`; the build uses the context's),
+    `build` (the build pipeline's tree id or None), `base` (the previous
+    stage's id or None) and `options`.
+    """
 
     kind = "stages"
 
-    def __init__(self, name, build, base, options):
+    def __init__(self, name, sources_options, build, base, options):
         self.name = name
+        self.sources = sources_options
         self.build = build
         self.base = base
         self.options = options or {}
-        self.id = compute_id(name, build, base, self.options)
+
+    @property
+    def id(self):
+        """The id of DESIGN 1.3 (computed from the current build, base and options)."""
+        return compute_id(self.name, self.build, self.base, self.options)
 
     def description(self):
         """The manifest form of this stage."""
@@ -116,6 +127,9 @@ class Assembler(Stage):
 
     kind = "assemblers"
 
+    def __init__(self, name, build, base, options):
+        super().__init__(name, None, build, base, options)
+
     def run(self, ctx, buildroot, tree, output_dir=None):  # pylint: disable=arguments-differ
         """Run on the read-only `tree`, writing into `output_dir`."""
         ctx.announce(self)
@@ -125,6 +139,32 @@ class Assembler(Stage):
                             ro_binds=[(tree, CONTAINER_TREE)],
                             apis=[buildroot.loop_server(tree, output_dir)], monitor=ctx.monitor)
         return _result(self, res)
+
+
+def detect_os(*paths):
+    """`ID` and `VERSION_ID` (without dots) of the first os-release(5) file of `paths`.
+
+    E.g. "debian12" or "fedora31". Raises FileNotFoundError if none of the
+    files exists; the defaults of os-release(5) apply to missing fields.
+    """
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            continue
+        fields = {}
+        for line in text.splitlines():
+            if "=" in line and not line.lstrip().startswith("#"):
+                key, value = line.split("=", 1)
+                fields[key.strip()] = value.strip().strip("\"'")
+        return fields.get("ID", "linux") + fields.get("VERSION_ID", "").replace(".", "")
+    raise FileNotFoundError(f"none of the os-release files exists: {', '.join(paths)}")
+
+
+def detect_host_runner():
+    """The runner name for this host, e.g. "org.osbuild.debian12" (original osbuild API)."""
+    return "org.osbuild." + detect_os("/etc/os-release", "/usr/lib/os-release")
 
 
 def _result(step, res):
@@ -156,10 +196,12 @@ class Pipeline:
         """The assembler's id, or None."""
         return self.assembler.id if self.assembler else None
 
-    def add_stage(self, name, options=None):
-        """Append a stage; returns it."""
-        stage = Stage(name, self.build_id, self.tree_id, options)
+    def add_stage(self, name, sources_options=None, options=None):
+        """Append a stage (arguments as in the original osbuild); returns it."""
+        stage = Stage(name, sources_options, self.build_id, self.tree_id, options)
         self.stages.append(stage)
+        if self.assembler:
+            self.assembler.base = stage.id
         return stage
 
     def set_assembler(self, name, options=None):

@@ -42,7 +42,7 @@ VALID = [
 INVALID = [
     ([], "manifest: [] is not of type 'object'"),
     ("x", "manifest: 'x' is not of type 'object'"),
-    ({"pipeline": {}, "extra": 1},
+    ({"stages": [], "extra": 1},  # beside "pipeline": a warning (test_compat)
      "manifest: Additional properties are not allowed ('extra' was unexpected)"),
     ({"stages": [], "sources": {}},
      "manifest: Additional properties are not allowed ('sources' was unexpected)"),
@@ -55,8 +55,8 @@ INVALID = [
      "pipeline.stages[0]: 'name' is a required property"),
     ({"pipeline": {"stages": [{"name": 42}]}},
      "pipeline.stages[0].name: 42 is not of type 'string'"),
-    ({"pipeline": {"stages": [dict(STAGE, id="abc")]}},
-     "pipeline.stages[0]: Additional properties are not allowed ('id' was unexpected)"),
+    ({"pipeline": {"stages": [dict(STAGE, ID="abc")]}},
+     "pipeline.stages[0]: Additional properties are not allowed ('ID' was unexpected)"),
     ({"pipeline": {"assembler": {"options": {}}}},
      "pipeline.assembler: 'name' is a required property"),
     ({"pipeline": {"assembler": [STAGE]}},
