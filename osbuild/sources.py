@@ -87,6 +87,19 @@ def _quote(text):
     return text
 
 
+def _original_shape(args, kwargs):
+    """Split the original's leading `socket_address` off SourcesServer's arguments.
+
+    The shapes differ in the second argument: `options` (an object or None)
+    now, `libdir` (a path) in the original.
+    """
+    if "socket_address" in kwargs:
+        return args, kwargs.pop("socket_address")
+    if len(args) >= 2 and isinstance(args[1], (str, os.PathLike)):
+        return args[1:], os.fspath(args[0])
+    return args, None
+
+
 class SourcesServer(api.BaseAPI):
     """Host side of the `sources` endpoint.
 
@@ -100,10 +113,21 @@ class SourcesServer(api.BaseAPI):
 
     endpoint = "sources"
 
-    def __init__(self, libdir, options, cache, output, secrets=None, stage_secrets=False,
-                 remote=None):
-        # pylint: disable=too-many-arguments,too-many-positional-arguments
+    def __init__(self, *args, **kwargs):
+        """`(libdir, options, cache, output, secrets=None, stage_secrets=False, remote=None)`,
+        or the original osbuild's `(socket_address, libdir, options, cache, output,
+        secrets=None)`.
+
+        In the original shape the server is used as a context manager that
+        binds `socket_address` on entry.
+        """
         super().__init__()
+        args, self.socket_address = _original_shape(args, kwargs)
+        self._setup(*args, **kwargs)
+
+    def _setup(self, libdir, options, cache, output, secrets=None, stage_secrets=False,
+               remote=None):
+        # pylint: disable=too-many-arguments,too-many-positional-arguments
         self.stage_secrets = stage_secrets
         self.libdir = os.path.abspath(libdir)
         self.options = options or {}
@@ -114,6 +138,13 @@ class SourcesServer(api.BaseAPI):
         self.remote = remote  # osbuild.remote.Remote or None
         # one lock per source name, so runs of the same source never overlap
         self._locks = ({}, threading.Lock())
+
+    def __enter__(self):
+        if self.socket_address is not None:
+            # the original's shape: serve at exactly `socket_address`
+            self.endpoint = os.path.basename(self.socket_address)
+            self.start(os.path.dirname(os.path.abspath(self.socket_address)))
+        return self
 
     def _lock(self, name):
         locks, guard = self._locks

@@ -48,7 +48,7 @@ printf '{grub_cfg}' > boot/{grubdir}/grub.cfg
 def tree_stage(grubdir="grub", blob_mib=1):
     """The org.osbuild.script stage that builds the test tree."""
     script = TREE_SCRIPT.format(grubdir=grubdir, blob_mib=blob_mib, grub_cfg=GRUB_CFG)
-    return {"name": "org.osbuild.script", "options": {"script": script}}
+    return {"name": "org.osbuild.script", "options": {"chroot": False, "script": script}}
 
 
 def manifest(stages, assembler_name, options):

@@ -211,6 +211,7 @@ def base_stages(tar=None):
     return [{
         "name": "org.osbuild.script",
         "options": {
+            "chroot": False,
             # stages cannot create device nodes: debootstrap's /dev stays out
             "script": f"tar --numeric-owner --xattrs -xpf /run/osbuild/lib/data/{name} "
                       f"-C \"$TREE\" --exclude='./dev/*'  # {st.st_size}-{int(st.st_mtime)}"

@@ -64,7 +64,7 @@ def report_stage():
         "ln -sf ../osbuild-report.service "
         "etc/systemd/system/multi-user.target.wants/osbuild-report.service\n"
     )
-    return {"name": "org.osbuild.script", "options": {"script": script}}
+    return {"name": "org.osbuild.script", "options": {"chroot": False, "script": script}}
 
 
 def boot_manifest():

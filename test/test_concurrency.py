@@ -64,7 +64,7 @@ def common_stages(token):
     """Stages every manifest of the overlap test shares."""
     return [{"name": "org.osbuild.noop", "options": {"token": token}},
             {"name": "org.osbuild.script",
-             "options": {"script": f": {token}; mkdir -p etc; echo shared > etc/shared; "
+             "options": {"chroot": False, "script": f": {token}; mkdir -p etc; echo shared > etc/shared; "
                                    "i=0; while [ $i -lt 200 ]; do echo $i > etc/f$i; "
                                    "i=$((i+1)); done"}}]
 
@@ -106,7 +106,7 @@ def test_starting_build_keeps_live_workdirs(tmp_path):
     store = tmp_path / "store"
     slow = write(tmp_path / "slow.json", {"pipeline": {"stages": [
         {"name": "org.osbuild.script",
-         "options": {"script": f": {token}; echo slow > slow; touch started; sleep 4; "
+         "options": {"chroot": False, "script": f": {token}; echo slow > slow; touch started; sleep 4; "
                                "rm started; cat slow > copy"}}]}})
     quick = write(tmp_path / "quick.json", {"pipeline": {"stages": [
         {"name": "org.osbuild.noop", "options": {"token": token}}]}})
@@ -146,7 +146,7 @@ def test_builds_run_in_parallel(tmp_path):
     for i in range(2):
         path = write(tmp_path / f"p{i}.json", {"pipeline": {"stages": [
             {"name": "org.osbuild.script",
-             "options": {"script": f": {token} {i}; touch started; sleep 3; rm started"}}]}})
+             "options": {"chroot": False, "script": f": {token} {i}; touch started; sleep 3; rm started"}}]}})
         procs.append(osbuild_popen(store, path))
     both = False
     try:

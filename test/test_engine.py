@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration,
 
 def script(text, **kw):
     """A script stage."""
-    return {"name": "org.osbuild.script", "options": {"script": text, **kw}}
+    return {"name": "org.osbuild.script", "options": {"chroot": False, "script": text, **kw}}
 
 
 def store_state(store):

@@ -54,11 +54,12 @@ def crash_manifest(token, sleep=1.0):
             f"i=$((i+1)); done; ln -s /etc/passwd data/host-passwd; touch started; sleep {sleep}")
     return {"pipeline": {"stages": [
         {"name": "org.osbuild.noop", "options": {"token": token}},
-        {"name": "org.osbuild.script", "options": {"script": fill}},
+        {"name": "org.osbuild.script", "options": {"chroot": False, "script": fill}},
         {"name": "org.osbuild.noop", "options": {"after": 1}},
         # mtimes are part of a tree's identity: pinned, so that rebuilds compare equal
         {"name": "org.osbuild.script",
-         "options": {"script": f": {token}; echo hi > greeting; "
+         "options": {"chroot": False,
+                     "script": f": {token}; echo hi > greeting; "
                                "find . -exec touch -h -d @1000000000 {} +"}},
     ]}}
 
@@ -214,9 +215,9 @@ def test_sigkill_stage(tmp_path):
     """A stage killed by SIGKILL fails the build cleanly; a fixed manifest then builds."""
     token = f"stage-{uuid.uuid4().hex}"
     store = tmp_path / "store"
-    stages = [{"name": "org.osbuild.script", "options": {"script": f": {token}; echo one > one"}},
+    stages = [{"name": "org.osbuild.script", "options": {"chroot": False, "script": f": {token}; echo one > one"}},
               {"name": "org.osbuild.script",
-               "options": {"script": f": {token}; echo two > two; kill -KILL $$"}}]
+               "options": {"chroot": False, "script": f": {token}; echo two > two; kill -KILL $$"}}]
     path = write_manifest(tmp_path / "manifest.json", {"pipeline": {"stages": stages}})
     status, result, _ = build(store, path)
     assert status == 1
@@ -274,7 +275,7 @@ def test_sigkill_container(tmp_path, victim):
     store = tmp_path / "store"
     script = f": {token}; touch started; sleep 60"
     path = write_manifest(tmp_path / "manifest.json", {"pipeline": {"stages": [
-        {"name": "org.osbuild.script", "options": {"script": script}}]}})
+        {"name": "org.osbuild.script", "options": {"chroot": False, "script": script}}]}})
     proc = subprocess.Popen(osbuild_cmd(store, path), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -321,7 +322,7 @@ def test_sigkill_while_loop_device_attached(tmp_path):
     store = tmp_path / "store"
     fill = f": {token}; i=0; while [ $i -lt 2000 ]; do echo $i > f$i; i=$((i+1)); done"
     path = write_manifest(tmp_path / "manifest.json", {"pipeline": {
-        "stages": [{"name": "org.osbuild.script", "options": {"script": fill}}],
+        "stages": [{"name": "org.osbuild.script", "options": {"chroot": False, "script": fill}}],
         "assembler": {"name": "org.osbuild.qemu",
                       "options": dict(QEMU_OPTIONS, filename=f"{token}.img")}}})
     proc = subprocess.Popen(osbuild_cmd(store, path), cwd=REPO, stdout=subprocess.DEVNULL,
@@ -390,7 +391,7 @@ def test_disk_full(tmp_path):
     try:
         store = small / "store"
         stages = [{"name": "org.osbuild.script",
-                   "options": {"script": "head -c 8M /dev/zero > big"}},
+                   "options": {"chroot": False, "script": "head -c 8M /dev/zero > big"}},
                   {"name": "org.osbuild.noop", "options": {"after": "big"}}]
         desc = {"pipeline": {"stages": stages}}
         path = write_manifest(tmp_path / "manifest.json", desc)
@@ -444,7 +445,7 @@ def test_sigkill_while_the_host_fills_an_image(tmp_path):
     token = f"populate{uuid.uuid4().hex[:12]}"
     store = tmp_path / "store"
     stages = [{"name": "org.osbuild.script", "options": {
-        "script": f"mkdir -p boot/grub && head -c 400M /dev/urandom > blob  # {token}"}}]
+        "chroot": False, "script": f"mkdir -p boot/grub && head -c 400M /dev/urandom > blob  # {token}"}}]
     desc = {"pipeline": {"stages": stages, "assembler": {"name": "org.osbuild.qemu", "options": {
         "format": "raw", "filename": f"{token}.img", "size": 1 << 30,
         "root_fs_uuid": "6e4ff95f-f662-45ee-a82a-bdf44a2d0b75", "bootloader": {"type": "none"}}}}}

@@ -50,7 +50,7 @@ def run_osbuild(store, desc, *extra, manifest=None):
 
 def script(text):
     """An org.osbuild.script stage."""
-    return {"name": "org.osbuild.script", "options": {"script": text}}
+    return {"name": "org.osbuild.script", "options": {"chroot": False, "script": text}}
 
 
 # Paths a stage must not be able to write (container view), and those it may.

@@ -338,7 +338,7 @@ def stage_diff(osbuild, store, base_stages, stage):
     return json.loads(proc.stdout), res
 
 
-FAKE_DEBIAN = {"name": "org.osbuild.script", "options": {"script": (
+FAKE_DEBIAN = {"name": "org.osbuild.script", "options": {"chroot": False, "script": (
     "mkdir -p boot etc usr/lib\n"
     f"echo kernel > boot/vmlinuz-{KERNEL}\n"
     f"echo initrd > boot/initrd.img-{KERNEL}\n"
@@ -384,7 +384,7 @@ def test_grub2_plain_through_osbuild(osbuild, store):
 def test_grub2_no_kernel_through_osbuild(osbuild, store):
     """Through osbuild: the failure is reported and nothing committed."""
     res = osbuild({"pipeline": {"stages": [
-        {"name": "org.osbuild.script", "options": {"script": "mkdir -p boot etc"}},
+        {"name": "org.osbuild.script", "options": {"chroot": False, "script": "mkdir -p boot etc"}},
         {"name": GRUB, "options": {"root_fs_uuid": ROOT_UUID, "bls": False}}]}}, store)
     assert res.returncode == 1
     last = res.json["stages"][-1]
@@ -396,7 +396,7 @@ def test_grub2_no_kernel_through_osbuild(osbuild, store):
 @pytest.mark.integration
 def test_fix_bls_and_zipl_through_osbuild(osbuild, store):
     """Through osbuild: the exact changes of fix-bls and zipl."""
-    base = [{"name": "org.osbuild.script", "options": {"script": (
+    base = [{"name": "org.osbuild.script", "options": {"chroot": False, "script": (
         "mkdir -p boot/loader/entries etc\n"
         "cat > boot/loader/entries/abc-5.0.conf <<'EOF'\n"
         "title Fedora\nlinux /boot/vmlinuz-5.0\ninitrd /boot/initramfs-5.0.img\n"

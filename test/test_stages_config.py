@@ -724,6 +724,7 @@ FILE_CONTEXTS = """\
 @needs_root
 def test_selinux(apply, debian):
     write_contexts = stage("org.osbuild.script", {
+        "chroot": False,
         "script": "mkdir -p etc/selinux/test/contexts/files\n"
                   "cat > etc/selinux/test/contexts/files/file_contexts <<'EOF'\n"
                   f"{FILE_CONTEXTS}EOF\n"})
