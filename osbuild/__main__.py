@@ -4,9 +4,12 @@
 # print a traceback: exit 130 with one line. main() takes over from here.
 import os
 import signal
+import sys
 
 
 def _interrupted_early(_signum, _frame):
+    if "--json" in sys.argv:
+        os.write(1, b'{"success": false, "error": "interrupted"}\n')
     os.write(2, b"\nosbuild: interrupted\n")
     os._exit(130)  # pylint: disable=protected-access
 
@@ -16,7 +19,6 @@ signal.signal(signal.SIGINT, _interrupted_early)
 # pylint: disable=wrong-import-position
 import argparse
 import json
-import sys
 
 from osbuild import __version__
 from osbuild.buildroot import DEFAULT_MAX_PROCESSES, BuildRootError, stream_monitor
