@@ -399,9 +399,10 @@ def test_disk_full(tmp_path):
         # the checkpoint commits the 8 MB tree; the next stage needs a copy of it
         status, result, stderr = build(store, path, "--checkpoint", ids[0])
         assert status == 1
-        assert result is None, result
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("osbuild: "), stderr
+        # --json: the same message as a JSON result (issue 14)
+        assert result == {"success": False, "error": lines[0][len("osbuild: "):]}, result
         assert "No space left on device" in lines[0] and "internal error" not in lines[0]
         objects, refs = check_store(store)
         assert refs == [ids[0]] and len(objects) == 1
