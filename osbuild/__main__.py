@@ -2,6 +2,8 @@
 
 # Ctrl-C before main() is reached (while the modules below load) must not
 # print a traceback: exit 130 with one line. main() takes over from here.
+# Only when this is the program (python3 -m osbuild, or the `osbuild` entry
+# point): a process that merely imports the module keeps its own handler.
 import os
 import signal
 import sys
@@ -14,7 +16,8 @@ def _interrupted_early(_signum, _frame):
     os._exit(130)  # pylint: disable=protected-access
 
 
-signal.signal(signal.SIGINT, _interrupted_early)
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "osbuild":
+    signal.signal(signal.SIGINT, _interrupted_early)
 
 # pylint: disable=wrong-import-position
 import argparse
@@ -281,13 +284,15 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # --json before parsing: a command-line error is also reported as JSON
     as_json = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
+    previous = signal.getsignal(signal.SIGINT)
     try:
         try:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt now
             return run(parse_args(argv))
         finally:
-            # a second Ctrl-C while reporting must not print a traceback either
-            signal.signal(signal.SIGINT, _interrupted_early)
+            # as the program, a second Ctrl-C while reporting must not print a
+            # traceback either; a caller in the same process gets its handler back
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
     except KeyboardInterrupt:
         if as_json:
             print_json({"success": False, "error": "interrupted"})
