@@ -315,14 +315,18 @@ def test_yum_verbosity_without_basearch(repo, store):
 
 def test_dnf_inline_pem_never_lands_in_the_repo_file(repo, tmp_path):
     """PEM text is multi-line: written into the .repo file it would add settings (the
-    certificate above carries `sslverify=0`). It goes to files only dnf reads."""
+    certificate above carries `sslverify=0`). dnf gets it as memory files instead,
+    like a source's secret, and nothing of it is written to a disk."""
     bindir, log = tmp_path / "bin", tmp_path / "log"
     bindir.mkdir()
     log.mkdir()
     (bindir / "dnf").write_text(
-        "#!/bin/sh\nfor a; do case $a in --setopt=reposdir=*) d=${a#--setopt=reposdir=};; esac; done\n"
-        f"cp $d/*.repo {log}/; cp $(dirname $d)/*.pem {log}/; stat -c '%a %n' "
-        f"$(dirname $d)/*.pem > {log}/modes\necho 'Error: fake dnf'\nexit 1\n")
+        "#!/bin/sh\nfor a; do case $a in --setopt=reposdir=*) d=${a#--setopt=reposdir=};; "
+        "esac; done\n"
+        f"cp $d/*.repo {log}/\nls $(dirname $d) > {log}/tmp-listing\n"
+        "for k in sslcacert sslclientcert sslclientkey; do\n"
+        f"  cat \"$(sed -n \"s/^$k=//p\" $d/osbuild.repo)\" > {log}/$k\ndone\n"
+        "echo 'Error: fake dnf'\nexit 1\n")
     os.chmod(bindir / "dnf", 0o755)
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
     fails("org.osbuild.dnf", tmp_path / "tree", {
@@ -332,10 +336,9 @@ def test_dnf_inline_pem_never_lands_in_the_repo_file(repo, tmp_path):
     assert "BEGIN" not in repo_file and "sslverify" not in repo_file
     settings = dict(line.split("=", 1) for line in repo_file.splitlines() if "=" in line)
     for key, text in (("sslcacert", PEM), ("sslclientcert", PEM), ("sslclientkey", KEY_PEM)):
-        path = settings[key]
-        assert (log / os.path.basename(path)).read_text() == text
-    modes = (log / "modes").read_text().split()
-    assert modes[0::2] == ["600"] * 3
+        assert settings[key].startswith("/proc/self/fd/"), settings[key]
+        assert (log / key).read_text() == text
+    assert "pem" not in (log / "tmp-listing").read_text()
     assert settings["baseurl"] == repo.url and settings["metalink"].endswith("no-metalink.xml")
 
 
