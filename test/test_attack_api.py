@@ -534,7 +534,7 @@ def stage_results(output):
 
 def script(text):
     """An org.osbuild.script stage."""
-    return {"name": "org.osbuild.script", "options": {"script": text}}
+    return {"name": "org.osbuild.script", "options": {"chroot": False, "script": text}}
 
 
 @pytest.mark.integration

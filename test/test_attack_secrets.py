@@ -225,7 +225,7 @@ def entitled_fixture(tmp_path, pki):
 # A tree with a shell and the few tools the scriptlet uses (from the host,
 # with their libraries), so rpm can run %post chrooted into it.
 TOOLS = "sh dash cat grep mkdir mount umount"
-BASE = {"name": "org.osbuild.script", "options": {"script": textwrap.dedent(f"""\
+BASE = {"name": "org.osbuild.script", "options": {"chroot": False, "script": textwrap.dedent(f"""\
     mkdir -p etc usr/bin usr/sbin var
     ln -s usr/bin bin
     ln -s usr/sbin sbin
@@ -330,7 +330,7 @@ def test_stage_without_declaration_gets_no_secret(tmp_path, entitled):
     repo, secrets, marker = entitled
     store = tmp_path / "store"
     thief = {"name": "org.osbuild.script", "options": {
-        "script": f"python3 - {repo.checksum} <<'EOF'\n{THIEF}\nEOF\n"}}
+        "chroot": False, "script": f"python3 - {repo.checksum} <<'EOF'\n{THIEF}\nEOF\n"}}
     tar = {"name": "org.osbuild.tar", "options": {"filename": "tree.tar"}}
     since = time.time() - 1
     proc, result = run_build(tmp_path, store, secrets, manifest(repo, thief, assembler=tar))
@@ -451,7 +451,7 @@ def test_earlier_stage_cannot_plant_code_for_dnf(tmp_path, entitled):
     root of its own)."""
     repo, secrets, marker = entitled
     store = tmp_path / "store"
-    plant = {"name": "org.osbuild.script", "options": {"script": textwrap.dedent(f"""\
+    plant = {"name": "org.osbuild.script", "options": {"chroot": False, "script": textwrap.dedent(f"""\
         for d in /etc/python3*/ /root/.local/lib/python3.11/site-packages/; do
           mkdir -p "$d" || true
           cat > "$d/sitecustomize.py" <<'EOF' || echo "refused: $d"
