@@ -26,7 +26,7 @@ from osbuild.util.workdir import WorkDir, clean_stale
 
 # Object ids are file names under refs/: the ids osbuild computes are hex,
 # but (as in the original) any name that is a single safe path component
-# works. 251 leaves room for the "ref-" prefix of the temporary link.
+# (no control characters either) works. 251 leaves room for the "ref-" prefix of the temporary link.
 _MAX_ID = 251
 # Version of STORE/index/* records: the file digest scheme of treesum.
 INDEX_FORMAT = 2
@@ -38,7 +38,8 @@ class StoreError(Exception):
 
 def _check_id(object_id):
     if not isinstance(object_id, str) or object_id in ("", ".", "..") or "/" in object_id \
-            or "\0" in object_id or len(object_id.encode("utf-8", "surrogateescape")) > _MAX_ID:
+            or any(ord(c) < 32 or ord(c) == 127 for c in object_id) \
+            or len(object_id.encode("utf-8", "surrogateescape")) > _MAX_ID:
         shown = object_id[:100] if isinstance(object_id, str) else object_id
         raise StoreError(f"invalid object id: {shown!r}")
 

@@ -182,7 +182,8 @@ def test_objectstore_commit(tmp_path):
     assert Path(store.refs, "my-tree.v1", "C").read_text() == "c"
 
 
-@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "../a", "/abs", "a\0b", "x" * 252, 3, None])
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "../a", "/abs", "a\0b", "a\nb", "\x7f",
+                                 "x" * 252, 3, None])
 def test_objectstore_ids_must_be_safe_names(tmp_path, bad):
     """Any single safe file name is an id; nothing that leaves refs/ is."""
     store = objectstore.ObjectStore(tmp_path / "store")
