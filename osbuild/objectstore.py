@@ -26,7 +26,8 @@ from osbuild.util.workdir import WorkDir, clean_stale
 
 # Object ids are file names under refs/: the ids osbuild computes are hex,
 # but (as in the original) any name that is a single safe path component
-# (no control characters either) works. 251 leaves room for the "ref-" prefix of the temporary link.
+# (no control characters either) works. 251 leaves room for the "ref-"
+# prefix of the temporary link.
 _MAX_ID = 251
 # Version of STORE/index/* records: the file digest scheme of treesum.
 INDEX_FORMAT = 2
