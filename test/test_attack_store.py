@@ -61,7 +61,7 @@ def build(store, desc, *extra, **kw):
 
 def script(text):
     """A script stage."""
-    return {"name": "org.osbuild.script", "options": {"script": text}}
+    return {"name": "org.osbuild.script", "options": {"chroot": False, "script": text}}
 
 
 def as_nobody(*argv):
@@ -270,6 +270,6 @@ def test_tree_nested_too_deeply(tmp_path):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("osbuild: cannot commit "), stderr
     assert "nested more than 1000 directories deep" in lines[0] and "Traceback" not in stderr
-    assert result is None
+    assert result == {"success": False, "error": lines[0][len("osbuild: "):]}   # --json
     assert check_store(store) == ([], [])
     assert os.listdir(store / "tmp") == []
