@@ -139,9 +139,9 @@ def tree_manifest(token, extra_script=""):
               "python3 -c \"import os; os.setxattr('etc/motd', 'user.osbuild', b'remote')\"\n"
               + extra_script)
     return {"pipeline": {
-        "stages": [{"name": "org.osbuild.script", "options": {"script": script}},
+        "stages": [{"name": "org.osbuild.script", "options": {"chroot": False, "script": script}},
                    {"name": "org.osbuild.script",
-                    "options": {"script": "echo second >> etc/motd"}}],
+                    "options": {"chroot": False, "script": "echo second >> etc/motd"}}],
         "assembler": {"name": "org.osbuild.tar",
                       "options": {"filename": "tree.tar.zst", "compression": "zstd"}}}}
 
