@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def script(text, **extra):
     """An org.osbuild.script stage."""
-    return {"name": "org.osbuild.script", "options": {"script": text, **extra}}
+    return {"name": "org.osbuild.script", "options": {"chroot": False, "script": text, **extra}}
 
 
 def osbuild(store, desc, *extra, watch=None):
