@@ -153,3 +153,21 @@ sys.exit(t.main(["--boot", "uefi", "--apt-lists", {str(lists)!r}, "-o", {str(out
     assert "skipping no-such-package-osbuild" in proc.stderr
     urls = json.loads(out.read_text())["sources"]["org.osbuild.files"]["urls"].values()
     assert any("/dosfstools_" in u for u in urls)
+
+
+def test_build_image_prints_both_boot_commands():
+    """make image's tool prints a BIOS and a UEFI command line for the hybrid sample."""
+    build_image = import_program(os.path.join(REPO, "tools", "build-image"), "build_image_tool")
+    with open(os.path.join(REPO, "samples", "debian13-qcow2.json"), encoding="utf-8") as f:
+        options = json.load(f)["pipeline"]["assembler"]["options"]
+    commands = dict(build_image.boot_commands(options, "/o/disk.qcow2"))
+    assert sorted(commands) == ["BIOS", "UEFI"]
+    assert "-drive file=/o/disk.qcow2,format=qcow2,snapshot=on" in commands["BIOS"]
+    assert "pflash" not in commands["BIOS"]
+    uefi = commands["UEFI"]
+    assert uefi.startswith("cp /usr/share/OVMF/OVMF_VARS_4M.fd /o/OVMF_VARS.fd && ")
+    assert "-machine q35" in uefi and "readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd" in uefi
+    uefi_only = manifest_for("--boot", "uefi")["pipeline"]["assembler"]["options"]
+    assert [f for f, _ in build_image.boot_commands(uefi_only, "/o/x.qcow2")] == ["UEFI"]
+    bios = manifest_for("--boot", "bios")["pipeline"]["assembler"]["options"]
+    assert [f for f, _ in build_image.boot_commands(bios, "/o/x.qcow2")] == ["BIOS"]

@@ -228,3 +228,5 @@ def test_attack_esp_link_out_of_the_tree(osbuild, store):
     assert "/boot/efi in the tree is a symbolic link" in last["output"]
     assert "Traceback" not in last["output"]
     assert not os.path.lexists(os.path.join(store, "refs", last["id"]))
+    assert not os.path.lexists("/run/osbuild/EFI")
+    assert len(os.listdir(os.path.join(store, "refs"))) == 0
