@@ -230,3 +230,17 @@ def test_attack_esp_link_out_of_the_tree(osbuild, store):
     assert not os.path.lexists(os.path.join(store, "refs", last["id"]))
     assert not os.path.lexists("/run/osbuild/EFI")
     assert len(os.listdir(os.path.join(store, "refs"))) == 0
+
+
+def test_link_loops_and_fifos_are_not_boot_loaders(tmp_path):
+    """A shim that is a link loop or a FIFO counts as absent: the monolithic GRUB is used."""
+    debian_tree(tmp_path)
+    (tmp_path / "usr/lib/shim").mkdir(parents=True)
+    os.symlink("b", tmp_path / "usr/lib/shim/a")
+    os.symlink("a", tmp_path / "usr/lib/shim/b")
+    os.symlink("a", tmp_path / "usr/lib/shim/shimx64.efi.signed")
+    os.mkfifo(tmp_path / "usr/lib/shim/mmx64.efi.signed")
+    fails(GRUB, tmp_path, PLAIN, "the tree has no UEFI boot loader")
+    put(tmp_path, "/usr/lib/grub/x86_64-efi/monolithic/grubx64.efi", "monolithic\n")
+    ok(GRUB, tmp_path, PLAIN)
+    assert esp(tmp_path)["EFI/BOOT/BOOTX64.EFI"] == "monolithic\n"
