@@ -1,6 +1,6 @@
 # osbuild: man pages, source tarball, RPMs, tests.
 #
-#   make image    build samples/debian12-qcow2.json into output/ and print how to boot it
+#   make image    build samples/debian13-qcow2.json into output/ and print how to boot it
 #   make man      the man pages, into $(BUILDDIR)/man/ (BUILDDIR defaults to build;
 #                 needs rst2man from python3-docutils)
 #   make tarball  $(RPMBUILD_DIR)/SOURCES/osbuild-VERSION.tar.gz of the checkout: tracked and

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Benchmark: build samples/debian12-qcow2.json and compare with the reference recipe.
+"""Benchmark: build the Debian 13 and Debian 12 samples; compare with the reference recipe.
 
-Prints, from one run:
+Prints, for samples/debian13-qcow2.json and samples/debian12-qcow2.json (or
+the --manifest files), from one run each:
   * cold build (empty store, so an empty source cache too),
   * warm rebuild (nothing changed: everything comes from the store),
   * rebuild after changing only the last configuration stage (grub2),
@@ -9,12 +10,13 @@ Prints, from one run:
     sub-steps, each configuration stage, the assembler), from timestamps of
     osbuild's streamed log,
   * peak memory (largest process RSS, and the host's used-memory growth),
-  * the reference recipe (../shared/reference/debian12-bootable-recipe.sh)
-    on the same package set and initramfs setting: fetch + install + image,
-    its floor.
+  * for Debian 12 only, the reference recipe
+    (../shared/reference/debian12-bootable-recipe.sh, a bookworm recipe) on
+    the same initramfs setting: fetch + install + image, its floor.
+and finally a table of cold / warm / last-stage figures side by side.
 
 Usage (root, from the checkout):
-    python3 bench/debian.py [--repeat N] [--skip-recipe] [--json FILE]
+    python3 bench/debian.py [--manifest FILE]... [--repeat N] [--skip-recipe] [--json FILE]
 """
 
 import argparse
@@ -30,7 +32,8 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(REPO, "samples", "debian12-qcow2.json")
+SAMPLES = [os.path.join(REPO, "samples", "debian13-qcow2.json"),
+           os.path.join(REPO, "samples", "debian12-qcow2.json")]
 RECIPE = os.path.join(os.path.dirname(REPO), "shared", "reference", "debian12-bootable-recipe.sh")
 HEADER = re.compile(r"^(org\.osbuild\.[A-Za-z0-9._-]+): ([0-9a-f]{64}) \{")
 DPKG_STEP = re.compile(r"^org\.osbuild\.dpkg: (sources ready|\d+ base packages extracted|"
@@ -212,9 +215,14 @@ def measure(manifest, workdir, skip_recipe, repeat=1):
             "recipe_all": [r["floor"] for r in recipes]}
 
 
+def label_of(manifest_path):
+    """A short name for a manifest: `debian13` for samples/debian13-qcow2.json."""
+    return os.path.basename(manifest_path).split("-", 1)[0].removesuffix(".json")
+
+
 def report(fig):
     """Print the figures."""
-    print(f"\nosbuild Debian 12 benchmark ({fig['packages']} packages, initramfs: "
+    print(f"\nosbuild {fig['label']} benchmark ({fig['packages']} packages, initramfs: "
           f"{'module list' if fig['fast_initrd'] else 'MODULES=most'}; {os.cpu_count()} CPUs; "
           f"load average at the end {fig['load']:.1f})")
     print(f"  cold build (empty store, cold source cache):  {fig['cold']:7.2f} s"
@@ -253,7 +261,9 @@ def report(fig):
 def main():
     """Run the benchmark and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--manifest", default=SAMPLE)
+    parser.add_argument("--manifest", action="append",
+                        help="manifest to measure (repeatable; default: the Debian 13 and 12 "
+                             "samples)")
     parser.add_argument("--workdir",
                         help="keep logs here (default: a temporary directory)")
     parser.add_argument("--skip-recipe", action="store_true",
@@ -265,16 +275,28 @@ def main():
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/debian.py must run as root (nspawn, loop devices)")
-    with open(args.manifest, encoding="utf-8") as f:
-        manifest = json.load(f)
     workdir = args.workdir or tempfile.mkdtemp(prefix="osbuild-bench-debian-", dir="/var/tmp")
-    os.makedirs(workdir, exist_ok=True)
-    figures = measure(manifest, workdir, args.skip_recipe, max(1, args.repeat))
-    report(figures)
-    print(f"  logs: {workdir}")
+    all_figures = {}
+    for path in args.manifest or SAMPLES:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        label = label_of(path)
+        sub = os.path.join(workdir, label)
+        os.makedirs(sub, exist_ok=True)
+        # the reference recipe installs bookworm: compare it with Debian 12 only
+        skip_recipe = args.skip_recipe or label != "debian12"
+        figures = measure(manifest, sub, skip_recipe, max(1, args.repeat))
+        figures["label"] = label
+        report(figures)
+        print(f"  logs: {sub}")
+        all_figures[label] = figures
+    print("\nside by side (seconds):  " + "".join(f"{label:>12s}" for label in all_figures))
+    for key, name in (("cold", "cold build"), ("warm", "warm rebuild"),
+                      ("last_stage", "last stage changed")):
+        print(f"  {name:22s}" + "".join(f"{fig[key]:12.2f}" for fig in all_figures.values()))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(figures, f, indent=2)
+            json.dump(all_figures, f, indent=2)
     return 0
 
 

@@ -250,9 +250,12 @@ def test_grub2_kernel_opts_with_double_quotes(store):
 
 
 def test_grub2_bls_kernel_opts_with_double_quotes(store):
-    result = built({"pipeline": {"stages": [FAKE_DEBIAN, {"name": "org.osbuild.grub2", "options": {
-        "root_fs_uuid": ROOT_UUID, "kernel_opts": 'ro foo="a b"',
-        "uefi": {"vendor": "fedora"}}}]}}, store)
+    # A Fedora tree's packages put the EFI binaries onto the ESP themselves.
+    fedora_esp = script("mkdir -p boot/efi/EFI/BOOT && echo shim > boot/efi/EFI/BOOT/BOOTX64.EFI\n")
+    result = built({"pipeline": {"stages": [FAKE_DEBIAN, fedora_esp, {
+        "name": "org.osbuild.grub2", "options": {
+            "root_fs_uuid": ROOT_UUID, "kernel_opts": 'ro foo="a b"',
+            "uefi": {"vendor": "fedora"}}}]}}, store)
     tree = tree_of(store, result)
     with open(os.path.join(tree, "boot/efi/EFI/fedora/grubenv"), encoding="utf-8") as f:
         assert f.read().splitlines()[1] == f'kernelopts=root=UUID={ROOT_UUID} ro foo="a b"'

@@ -90,7 +90,8 @@ def test_build_manifest_validates_against_stage_schemas():
              "sha256": "b" * 64, "essential": False},
             {"name": "a", "version": "1", "arch": "amd64", "url": "http://x/a.deb", "size": 1,
              "sha256": "a" * 64, "essential": True}]
-    args = make_args("--hostname", "box", "--root-fs-uuid", "11111111-2222-3333-4444-555555555555",
+    args = make_args("--boot", "bios", "--hostname", "box",
+                     "--root-fs-uuid", "11111111-2222-3333-4444-555555555555",
                      "--size", "3G", "--filename", "img.qcow2")
     stanzas = [{"uris": "http://m/debian", "suites": "bookworm bookworm-updates",
                 "components": "main", "signed-by": "/usr/share/keyrings/k.gpg"},
@@ -204,7 +205,8 @@ def test_tool_resolves_reproducibly(tmp_path, apt_lists):
 def test_tool_matches_apt_get(tmp_path, apt_lists):
     """The tool's closure equals apt-get's own for the sample's package list."""
     out = tmp_path / "m.json"
-    proc = subprocess.run([SYSTEM_PYTHON, TOOL, "-o", str(out), "--apt-lists", apt_lists],
+    proc = subprocess.run([SYSTEM_PYTHON, TOOL, "-o", str(out), "--apt-lists", apt_lists,
+                           "--boot", "bios"],
                           capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr
     ours = json.loads(out.read_text())["sources"]["org.osbuild.files"]["urls"]

@@ -55,6 +55,21 @@ def grub_modules(root, platform="i386-pc"):
     (fonts / "unicode.pf2").write_text("font\n")
 
 
+def fedora_esp(root):
+    """The boot loader Fedora's shim-x64 package installs onto the ESP itself."""
+    boot = root / "boot" / "efi" / "EFI" / "BOOT"
+    boot.mkdir(parents=True)
+    (boot / "BOOTX64.EFI").write_text("shim\n")
+
+
+def debian_efi(root):
+    """Debian's shim-signed and grub-efi-amd64-signed binaries under /usr/lib."""
+    (root / "usr/lib/shim").mkdir(parents=True)
+    (root / "usr/lib/shim/shimx64.efi.signed").write_text("shim\n")
+    (root / "usr/lib/grub/x86_64-efi-signed").mkdir(parents=True)
+    (root / "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed").write_text("grub\n")
+
+
 def bls_cfg(uuid):
     """The BLS grub.cfg searching filesystem `uuid`."""
     return ("set timeout=0\n"
@@ -96,6 +111,7 @@ def test_grub2_bls_default_is_legacy_i386_pc(tmp_path):
 
 def test_grub2_uefi_only(tmp_path):
     """UEFI only: config and grubenv on the ESP, /boot/grub2/grubenv links there."""
+    fedora_esp(tmp_path)
     ok(GRUB, tmp_path, {"root_fs_uuid": ROOT_UUID, "kernel_opts": "ro",
                                        "uefi": {"vendor": "fedora"}})
     efi = tmp_path / "boot/efi/EFI/fedora"
@@ -110,6 +126,7 @@ def test_grub2_uefi_only(tmp_path):
 def test_grub2_hybrid_with_boot_partition(tmp_path):
     """Hybrid with a separate /boot: both configs search the /boot UUID."""
     grub_modules(tmp_path)
+    fedora_esp(tmp_path)
     ok(GRUB, tmp_path, {"root_fs_uuid": ROOT_UUID, "boot_fs_uuid": BOOT_UUID,
                                        "kernel_opts": "ro console=ttyS0", "legacy": "i386-pc",
                                        "uefi": {"vendor": "fedora"}})
@@ -217,6 +234,7 @@ def test_grub2_plain_uefi_and_modules(tmp_path):
     """Plain mode with uefi (a loader config) and legacy (modules)."""
     debian_tree(tmp_path)
     grub_modules(tmp_path)
+    debian_efi(tmp_path)
     ok(GRUB, tmp_path, {"root_fs_uuid": ROOT_UUID, "bls": False, "legacy": True,
                                        "uefi": {"vendor": "debian"}})
     assert read(tmp_path / "boot/efi/EFI/debian/grub.cfg") == (
