@@ -26,6 +26,8 @@ from osbuild import sources
 from osbuild.util import jsoncomm
 from osbuild.util.workdir import WorkDir
 
+from pki import make_pki
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = os.path.join(REPO, "sources", "org.osbuild.files")
 DNF = os.path.join(REPO, "sources", "org.osbuild.dnf")
@@ -389,25 +391,10 @@ def test_files_url_with_quotes_is_escaped(server, tmp_path):
 
 # --- HTTPS with client certificates (secrets) ---------------------------------
 
-def _openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(name="pki", scope="module")
 def pki_fixture(tmp_path_factory):
     """A CA, a server certificate for 127.0.0.1 and a client certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=osbuild test CA", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    for who in ("server", "client"):
-        _openssl("req", *ec, "-keyout", f"{who}.key", "-out", f"{who}.csr",
-                 "-subj", f"/CN={'127.0.0.1' if who == 'server' else 'entitled-client'}", cwd=d)
-        extra = ["-extfile", "san.ext"] if who == "server" else []
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{who}.crt", "-days", "2", *extra, cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"), "osbuild test CA", "entitled-client")
 
 
 @pytest.fixture(name="tls_server")
