@@ -8,9 +8,10 @@ which a program opens as `/proc/self/fd/N` (or curl as `/dev/fd/N`), so
 nothing is left on any disk, not even after a SIGKILL.
 """
 
-import fcntl
 import hashlib
 import os
+
+from osbuild.util import jsoncomm
 
 KEYS = ("ssl_client_cert", "ssl_client_key", "ssl_ca_cert")
 
@@ -56,15 +57,4 @@ def fingerprint(mat):
 
 def memfd(label, data):
     """A sealed, close-on-exec memory file holding `data`, positioned at its start."""
-    fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-                    | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
-        os.lseek(fd, 0, os.SEEK_SET)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return jsoncomm.sealed_memfd(data, label)
