@@ -130,7 +130,7 @@ def test_man_osbuild_1(man_pages):
         assert re.search(rf"^{section}$", text, re.M), section
     options = text[text.index("\nOPTIONS"):text.index("\nOUTPUT")]
     for option in cli_options():
-        assert re.search(rf"^\s+(-[a-z], )?{option}\b", options, re.M), \
+        assert re.search(rf"^\s+(-[a-z]( [A-Z]+)?, )?{option}\b", options, re.M), \
             f"{option} is not documented"
     status = text[text.index("\nEXIT STATUS"):text.index("\nENVIRONMENT")]
     for code in ("0", "1", "2", "130"):
