@@ -310,7 +310,8 @@ def test_cgroup_of_a_killed_osbuild_is_removed_later(tmp_path):
         assert mine, "the stage never started"
         proc.kill()
     assert not leftovers(tmp_path, markers=[token])
-    assert os.path.isdir(os.path.join(parent, mine[0]))
+    # The killed build's cgroup stays until the next osbuild on this host removes it (any
+    # concurrent one may do so first, so it is not asserted to be there now).
     status, _, stderr, pid = osbuild(tmp_path / "store2",
                                      {"pipeline": {"stages": [script("true")]}})
     assert status == 0, stderr
