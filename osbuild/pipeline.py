@@ -93,10 +93,9 @@ class Stage:
         ctx.announce(self)
         if not receives_secrets(ctx.libdir, self.kind, self.name):
             return _result(self, self._run_in(ctx, buildroot, tree, False))
-        # The stages of a pipeline share the build root's writable /etc, /var and
-        # /tmp: an earlier stage could leave code there (a sitecustomize.py, an
-        # ld.so.preload) for the programs of this one. One that gets secrets runs
-        # in a fresh build root made from the same tree instead.
+        # Every program already gets a read-only /etc and its own /var, /tmp and
+        # /root; a stage that gets secrets also gets a build root of its own (its
+        # own runner set-up), so nothing another program touched is near the secret.
         with BuildRoot(buildroot.root, buildroot.runner, buildroot.libdir,
                        ctx.store.tmp, ctx.max_processes) as own:
             return _result(self, self._run_in(ctx, own, tree, True))
