@@ -11,9 +11,8 @@ import select
 import threading
 import time
 
+from osbuild.layout import CONTAINER
 from osbuild.util import jsoncomm
-
-API_DIR = "/run/osbuild/api"
 
 
 # Connections one server serves at a time; more are answered with an error
@@ -194,7 +193,7 @@ class OsbuildAPI(BaseAPI):
             os.close(memfd)
 
 
-def setup_stdio(path=os.path.join(API_DIR, "osbuild")):
+def setup_stdio(path=CONTAINER.socket("osbuild")):
     """Client call: replace this process' stdin/stdout/stderr with the host's."""
     with jsoncomm.Socket.new_client(path) as sock:
         reply, fds = sock.call({"method": "setup-stdio"})

@@ -13,9 +13,11 @@ program, and from then on every program gets it read-only, plus a fresh,
 empty /var, /tmp and /root that is removed when the program ends.
 
 Programs run as root of a user namespace: uid 0..65535 inside are an
-unprivileged range on the host, every bind is an idmapped mount (so files
-keep their real owners), and the container has its own network namespace
-with only loopback. Root inside can therefore write the trees it is given
+unprivileged range on the host; the binds of trees, of the program's own
+directories and of the API sockets are idmapped mounts (so files keep their
+real owners), the libdir and the `osbuild` package are bound read-only
+without idmapping (`BuildRoot.binds()` lists every bind as a `Bind`
+record); and the container has its own network namespace with only loopback. Root inside can therefore write the trees it is given
 but cannot remount, mknod, load modules, change sysctls or reach the host's
 network; privileged work (loop devices, mounting image filesystems) is done
 by the host through the APIs (see remoteloop.py). Each container runs in a
@@ -33,21 +35,21 @@ import sys
 import threading
 import time
 import uuid
+from typing import NamedTuple
 
 import osbuild
 from osbuild import etctemplate
 from osbuild.api import OsbuildAPI
+from osbuild.layout import CONTAINER, HOST_RUNTIME_DIR
 from osbuild.remoteloop import LoopServer
 from osbuild.util import idmap
 from osbuild.util.lifetime import contained
 from osbuild.util.pidlimit import ProcessLimit, ProcessLimitError
 from osbuild.util.workdir import WorkDir, clean_stale
 
-RUNTIME_DIR = "/run/osbuild"
-CONTAINER_LIBDIR = "/run/osbuild/lib"
-CONTAINER_PYTHON = "/run/osbuild/python"
-CONTAINER_TREE = "/run/osbuild/tree"
-CONTAINER_DEV = "/run/osbuild/dev"  # where the host creates loop device nodes
+# How a bind is idmapped: always (refused where the filesystem cannot), where
+# the filesystem can, never.
+IDMAP, IDMAP_IF_POSSIBLE, NO_IDMAP = "idmap", "if-possible", "none"
 # The container's uid/gid range: 65536 ids at a random 64 Ki boundary of the
 # range systemd-nspawn itself picks from, far above any real user.
 UID_RANGE = 0x10000
@@ -61,6 +63,34 @@ DEFAULT_MAX_PROCESSES = 2048
 
 class BuildRootError(Exception):
     """The build root cannot be set up on this host; the message says why."""
+
+
+class Bind(NamedTuple):
+    """One mount of the container: host `source` at container path `target`."""
+
+    source: str
+    target: str
+    readonly: bool = False
+    idmap: str = IDMAP
+    recursive: bool = True  # also what is mounted below `source`
+
+    def option(self, mounts):
+        """The systemd-nspawn option for this bind; `mounts` is an idmap.MountTable."""
+        options = []
+        if self.idmap == IDMAP:
+            if not mounts.supports_idmap(self.source):
+                raise BuildRootError(
+                    f"{self.source} is on a {mounts.fstype(self.source)} filesystem, which "
+                    f"cannot be idmapped: the store and {HOST_RUNTIME_DIR} must be on "
+                    f"one of {', '.join(idmap.describe())}")
+            options.append("idmap")
+        elif self.idmap == IDMAP_IF_POSSIBLE and mounts.supports_idmap(self.source):
+            options.append("idmap")
+        if not self.recursive:
+            options.append("norbind")
+        flag = "--bind-ro" if self.readonly else "--bind"
+        return f"{flag}={escape_bind(self.source)}:{self.target}" + \
+            "".join(":" + o for o in options)
 
 
 class RunResult:
@@ -159,15 +189,15 @@ class BuildRoot(contextlib.AbstractContextManager):
         self.cleanup()
 
     def loop_server(self, tree, output_dir):
-        """A remoteloop server for a program that gets `tree` at CONTAINER_TREE.
+        """A remoteloop server for a program that gets `tree` at CONTAINER.tree.
 
         Only files below `output_dir` can be attached. The program also needs
-        the bind `(self.dev, CONTAINER_DEV)` for the nodes.
+        the bind `(self.dev, CONTAINER.dev)` for the nodes.
         """
-        paths = [(CONTAINER_TREE, tree)]
+        paths = [(CONTAINER.tree, tree)]
         if self._usr.get("usr", ("",))[0] == "dir":   # bound read-only as /usr
             paths.append(("/usr", os.path.join(self.root, "usr")))
-        return LoopServer(self.dev, CONTAINER_DEV, output_dir=output_dir, work_dir=self.dir,
+        return LoopServer(self.dev, CONTAINER.dev, output_dir=output_dir, work_dir=self.dir,
                           paths=paths)
 
     def cleanup(self):
@@ -176,10 +206,42 @@ class BuildRoot(contextlib.AbstractContextManager):
             self._workdir.cleanup()
             self.dir = None
 
-    def _nspawn_argv(self, api_dir, private, etc_writable, binds, ro_binds, network):
-        """`private` is the program's own directory (var, tmp, root); only the
-        runner's set-up gets the /etc template writable."""
-        # pylint: disable=too-many-arguments
+    def binds(self, api_dir, private, etc_writable, binds=(), ro_binds=()):
+        """The container's mounts as Bind records, in the order nspawn applies them.
+
+        `private` is the program's own directory (var, tmp, root); only the
+        runner's set-up gets the /etc template writable. `binds`/`ro_binds`
+        are the program's (host path, container path) pairs.
+        """
+        # pylint: disable=too-many-arguments,too-many-positional-arguments
+        own = [Bind(api_dir, CONTAINER.api)]
+        own += [Bind(os.path.join(private, name), "/" + name) for name in ("var", "tmp", "root")]
+        etc = Bind(self.etc, "/etc", readonly=not etc_writable)
+        # idmap: uid N inside is uid N on disk, so trees keep their real owners.
+        records = own + ([etc] if etc_writable else [])
+        records += [Bind(src, dst) for src, dst in binds]
+        records += ([] if etc_writable else [etc])
+        records += [Bind(src, dst, readonly=True) for src, dst in ro_binds]
+        # Only read (and mostly world-readable): where idmapping is impossible
+        # (say the host's /usr on overlayfs) the files show as owned by nobody.
+        # Only real directories: tree_dirs() looked at them with lstat, and
+        # committed trees do not change while we run.
+        records += [Bind(os.path.join(self.root, name), "/" + name, readonly=True,
+                         idmap=IDMAP_IF_POSSIBLE)
+                    for name, (kind, _) in self._usr.items() if kind == "dir"]
+        # Programs and the package: never idmapped, and without what is mounted
+        # below them (the store may live inside the libdir, as in a checkout).
+        package = os.path.dirname(os.path.abspath(osbuild.__file__))
+        records += [Bind(self.libdir, CONTAINER.lib, readonly=True, idmap=NO_IDMAP,
+                         recursive=False),
+                    Bind(package, os.path.join(CONTAINER.python, "osbuild"), readonly=True,
+                         idmap=NO_IDMAP, recursive=False)]
+        return records
+
+    def _nspawn_argv(self, api_dir, private, etc_writable, binds, ro_binds, network,
+                     mounts=None):
+        """systemd-nspawn's command line for one container (see `binds()`)."""
+        # pylint: disable=too-many-arguments,too-many-positional-arguments
         argv = [
             "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2",
             "--link-journal=no", "--console=pipe",
@@ -188,42 +250,16 @@ class BuildRoot(contextlib.AbstractContextManager):
             "--capability=CAP_MAC_ADMIN",
             f"--machine=osbuild-{uuid.uuid4().hex[:16]}",
             f"--directory={self.machine_root}",
-            "--setenv=PYTHONPATH=" + CONTAINER_PYTHON,
+            "--setenv=PYTHONPATH=" + CONTAINER.python,
             "--setenv=PYTHONUNBUFFERED=1",
             "--setenv=LC_ALL=C.UTF-8",
             "--setenv=PATH=/usr/sbin:/usr/bin:/sbin:/bin",
         ]
         if not network:
             argv.append("--private-network")
-        own = [(api_dir, "/run/osbuild/api")]
-        own += [(os.path.join(private, name), "/" + name) for name in ("var", "tmp", "root")]
-        if etc_writable:
-            own.append((self.etc, "/etc"))
-        else:
-            ro_binds = [(self.etc, "/etc"), *ro_binds]
-        binds = own + list(binds)
-        # idmap: uid N inside is uid N on disk, so trees keep their real owners.
-        mounts = idmap.MountTable()
-        for src, _ in binds + list(ro_binds):
-            if not mounts.supports_idmap(src):
-                raise BuildRootError(f"{src} is on a {mounts.fstype(src)} filesystem, which "
-                                     "cannot be idmapped: the store and /run/osbuild must be on "
-                                     f"one of {', '.join(idmap.describe())}")
-        argv += [f"--bind={escape_bind(src)}:{dst}:idmap" for src, dst in binds]
-        argv += [f"--bind-ro={escape_bind(src)}:{dst}:idmap" for src, dst in ro_binds]
-        # Only read (and mostly world-readable): where idmapping is impossible
-        # (say the host's /usr on overlayfs) the files show as owned by nobody.
-        # Only real directories: tree_dirs() looked at them with lstat, and
-        # committed trees do not change while we run.
-        shared = [os.path.join(self.root, name) for name, (kind, _) in self._usr.items()
-                  if kind == "dir"]
-        argv += [f"--bind-ro={escape_bind(src)}:/{os.path.basename(src)}" +
-                 (":idmap" if mounts.supports_idmap(src) else "") for src in shared]
-        # Programs and the package: never idmapped, and without what is mounted
-        # below them (the store may live inside the libdir, as in a checkout).
-        package = os.path.dirname(os.path.abspath(osbuild.__file__))
-        argv += [f"--bind-ro={escape_bind(self.libdir)}:{CONTAINER_LIBDIR}:norbind",
-                 f"--bind-ro={escape_bind(package)}:{CONTAINER_PYTHON}/osbuild:norbind"]
+        mounts = mounts or idmap.MountTable()
+        for bind in self.binds(api_dir, private, etc_writable, binds, ro_binds):
+            argv.append(bind.option(mounts))
         return argv
 
     def _private_dirs(self):
@@ -254,7 +290,7 @@ class BuildRoot(contextlib.AbstractContextManager):
                 if monitor is not None:
                     monitor(msg.encode())
                 return RunResult(self._setup.returncode, setup_output + msg)
-        res = self._container([f"{CONTAINER_LIBDIR}/{kind}/{name}"], binds, ro_binds, args,
+        res = self._container([CONTAINER.program(kind, name)], binds, ro_binds, args,
                               apis, monitor, network)
         res.output = setup_output + res.output
         return res
@@ -265,17 +301,17 @@ class BuildRoot(contextlib.AbstractContextManager):
         gets /etc writable), the osbuild API handing out `args`."""
         # pylint: disable=too-many-arguments,too-many-positional-arguments
         # Socket paths are limited to 108 bytes, so they cannot live in the store.
-        os.makedirs(RUNTIME_DIR, mode=0o755, exist_ok=True)
-        clean_stale(RUNTIME_DIR, ("api-",))  # left by osbuild processes that died
+        os.makedirs(HOST_RUNTIME_DIR, mode=0o755, exist_ok=True)
+        clean_stale(HOST_RUNTIME_DIR, ("api-",))  # left by osbuild processes that died
         with contextlib.ExitStack() as stack:
             private = self._private_dirs()
             stack.callback(private.cleanup)
-            api_workdir = WorkDir(RUNTIME_DIR, "api-")
+            api_workdir = WorkDir(HOST_RUNTIME_DIR, "api-")
             stack.callback(api_workdir.cleanup)
             # the container must not outlive us, nor nspawn (see util/lifetime.py)
             argv = contained(self._nspawn_argv(api_workdir.path, private.path, args is None,
                                                binds, ro_binds, network) +
-                             [f"{CONTAINER_LIBDIR}/runners/{self.runner}", *program])
+                             [CONTAINER.program("runners", self.runner), *program])
             limit = None
             if self.max_processes:
                 try:

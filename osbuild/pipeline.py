@@ -4,14 +4,11 @@ import hashlib
 import json
 import os
 
-from osbuild.buildroot import (BuildRoot, CONTAINER_DEV, CONTAINER_TREE,
-                               DEFAULT_MAX_PROCESSES)
+from osbuild.buildroot import BuildRoot, DEFAULT_MAX_PROCESSES
+from osbuild.layout import CONTAINER
 from osbuild.meta import receives_secrets, uses_host_network
 from osbuild.objectstore import Object
 from osbuild.util.workdir import WorkDir
-
-CONTAINER_SOURCES = "/run/osbuild/sources"
-CONTAINER_OUTPUT = "/run/osbuild/output"
 
 
 def compute_id(name, build, base, options):
@@ -110,12 +107,12 @@ class Stage:
             server = SourcesServer(ctx.libdir, ctx.sources_options, ctx.store.sources,
                                    sources_dir, ctx.secrets, stage_secrets=secrets,
                                    remote=ctx.remote)
-            args = {"tree": CONTAINER_TREE, "sources": CONTAINER_SOURCES,
+            args = {"tree": CONTAINER.tree, "sources": CONTAINER.sources,
                     "options": self.options}
             network = uses_host_network(ctx.libdir, self.kind, self.name)
             return buildroot.run(self.kind, self.name, args,
-                                 binds=[(tree, CONTAINER_TREE)],
-                                 ro_binds=[(sources_dir, CONTAINER_SOURCES)],
+                                 binds=[(tree, CONTAINER.tree)],
+                                 ro_binds=[(sources_dir, CONTAINER.sources)],
                                  apis=[server], monitor=ctx.monitor, network=network)
         finally:
             sources_workdir.cleanup()
@@ -132,10 +129,10 @@ class Assembler(Stage):
     def run(self, ctx, buildroot, tree, output_dir=None):  # pylint: disable=arguments-differ
         """Run on the read-only `tree`, writing into `output_dir`."""
         ctx.announce(self)
-        args = {"tree": CONTAINER_TREE, "output_dir": CONTAINER_OUTPUT, "options": self.options}
+        args = {"tree": CONTAINER.tree, "output_dir": CONTAINER.output, "options": self.options}
         res = buildroot.run(self.kind, self.name, args,
-                            binds=[(output_dir, CONTAINER_OUTPUT), (buildroot.dev, CONTAINER_DEV)],
-                            ro_binds=[(tree, CONTAINER_TREE)],
+                            binds=[(output_dir, CONTAINER.output), (buildroot.dev, CONTAINER.dev)],
+                            ro_binds=[(tree, CONTAINER.tree)],
                             apis=[buildroot.loop_server(tree, output_dir)], monitor=ctx.monitor)
         return _result(self, res)
 

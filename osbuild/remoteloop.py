@@ -51,6 +51,7 @@ import tempfile
 import threading
 
 from osbuild import api, loop
+from osbuild.layout import CONTAINER
 from osbuild.util import jsoncomm
 from osbuild.util.lifetime import contained
 
@@ -324,7 +325,7 @@ def _release_entry(entry):
 class LoopClient:  # pylint: disable=too-few-public-methods
     """Container side: asks the host for loop devices over `path`."""
 
-    def __init__(self, path=os.path.join(api.API_DIR, "remoteloop")):
+    def __init__(self, path=CONTAINER.socket("remoteloop")):
         self.path = path
 
     def _connect(self):

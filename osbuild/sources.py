@@ -29,11 +29,12 @@ import sys
 import threading
 
 from osbuild import api, credentials
+from osbuild.layout import CONTAINER
 from osbuild.util import jsoncomm
 from osbuild.util.lifetime import contained
 
-SOURCES_DIR = "/run/osbuild/sources"
-API_PATH = os.path.join(api.API_DIR, "sources")
+SOURCES_DIR = CONTAINER.sources
+API_PATH = CONTAINER.socket("sources")
 
 # Source program names: reverse-domain names, never a path.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9][A-Za-z0-9_-]*)+$")
