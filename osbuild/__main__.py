@@ -24,9 +24,11 @@ import argparse
 import json
 
 from osbuild import __version__
-from osbuild.buildroot import DEFAULT_MAX_PROCESSES, BuildRootError, stream_monitor
+from osbuild import monitor
+from osbuild.buildroot import DEFAULT_MAX_PROCESSES, BuildRootError
 from osbuild.manifest import host_runner, innermost, load, load_pipeline, validate
 from osbuild.meta import ProgramInfo, ValidationError
+from osbuild.monitor import LogMonitor, MonitorError, Monitors
 from osbuild.objectstore import ObjectStore, StoreError
 from osbuild.output import OutputError, copy_output
 from osbuild.pipeline import BuildContext, Pipeline
@@ -76,6 +78,13 @@ def parse_args(argv):
                              f"at a time, 0 for no limit (default: {DEFAULT_MAX_PROCESSES})")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON result object instead of the human log")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="print only errors and the final ids (no stage headers and output)")
+    parser.add_argument("--monitor", metavar="NAME",
+                        help="write machine-readable progress records; NAME is JSONSeqMonitor "
+                             "(RFC 7464, see osbuild(1)); needs --monitor-fd")
+    parser.add_argument("--monitor-fd", metavar="FD", type=_fd,
+                        help="the open file descriptor --monitor writes to")
     parser.add_argument("--inspect", action="store_true",
                         help="print the manifest with the ids of all stages and the assembler "
                              "filled in, without building")
@@ -84,6 +93,24 @@ def parse_args(argv):
                              "through this S3 bucket (needs boto3)")
     parser.add_argument("--version", action="version", version=f"osbuild {__version__}")
     return parser.parse_args(argv)
+
+
+def _fd(text):
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a file descriptor number")
+    return int(text)
+
+
+def make_monitor(args):
+    """The monitors the command line asks for: the human log (unless --json) and --monitor."""
+    monitors = []
+    if not args.json:
+        monitors.append(LogMonitor(quiet=args.quiet))
+    if args.monitor is not None or args.monitor_fd is not None:
+        if args.monitor is None:
+            raise UsageError("--monitor-fd needs --monitor JSONSeqMonitor")
+        monitors.append(monitor.make(args.monitor, args.monitor_fd))
+    return Monitors(monitors)
 
 
 def read_json(path, what):
@@ -201,7 +228,7 @@ def open_remote(args):
 
 def share(remote, store, pipeline, checkpoints, result):
     """After a successful build, push its checkpoints, trees and output to the remote."""
-    if remote is not None and result["success"]:
+    if remote is not None and result.success:
         remote.push(store, remote_store.shared_ids(pipeline, set(checkpoints)))
 
 
@@ -220,7 +247,7 @@ def print_json(value, indent=None):
     sys.stdout.flush()
 
 
-def run(args):
+def run(args, monitors):
     """Do what the command line asks; returns the exit status."""
     desc = read_json(args.manifest, "manifest")
     manifest = load(desc, args.libdir)
@@ -249,33 +276,37 @@ def run(args):
     max_processes = parse_max_processes(args.max_processes)
     remote = open_remote(args)
     store = ObjectStore(args.store)
-    ctx = BuildContext(store, libdir, sources, secrets,
-                       monitor=None if args.json else stream_monitor,
+    ctx = BuildContext(store, libdir, sources, secrets, monitor=monitors,
                        checkpoints=args.checkpoint, remote=remote,
                        max_processes=max_processes)
+    monitors.begin(pipeline.steps_to_run(ctx))
     result = pipeline.run(ctx, runner)
     share(remote, store, pipeline, args.checkpoint, result)
     copied = []
-    if result["success"] and args.output_directory and pipeline.output_id:
+    if result.success and args.output_directory and pipeline.output_id:
         try:
             copied = copy_output(store, pipeline.output_id, args.output_directory)
         except OutputError as e:
             print(f"osbuild: {e}", file=sys.stderr)
-            result["success"] = False
+            result.failed = True
+    monitors.finish(result)
     if args.json:
-        print_json(result)
+        print_json(result.as_dict())
     else:
-        print_human(result)
+        print_human(result.as_dict())
         for path in copied:
             print(f"output: {path}")
-    return 0 if result["success"] else 1
+    return 0 if result.success else 1
 
 
-def fail(message, as_json, status=1):
+def fail(message, as_json, status=1, monitors=None):
     """Report an error as one line on stderr (and, with --json, a JSON result on stdout)."""
     print(f"osbuild: {message}", file=sys.stderr)
     if as_json:
         print_json({"success": False, "error": message})
+    for m in monitors.monitors if monitors else ():
+        if isinstance(m, monitor.JSONSeqMonitor):
+            m.error(message)
     return status
 
 
@@ -285,10 +316,13 @@ def main(argv=None):
     # --json before parsing: a command-line error is also reported as JSON
     as_json = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
     previous = signal.getsignal(signal.SIGINT)
+    monitors = None
     try:
         try:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt now
-            return run(parse_args(argv))
+            args = parse_args(argv)
+            monitors = make_monitor(args)
+            return run(args, monitors)
         finally:
             # as the program, a second Ctrl-C while reporting must not print a
             # traceback either; a caller in the same process gets its handler back
@@ -298,17 +332,17 @@ def main(argv=None):
             print_json({"success": False, "error": "interrupted"})
         os.write(2, b"\nosbuild: interrupted\n")
         return 130
-    except (UsageError, ValidationError, StoreError, BuildRootError,
+    except (UsageError, ValidationError, StoreError, BuildRootError, MonitorError,
             remote_store.RemoteError) as e:
-        return fail(str(e), as_json)
+        return fail(str(e), as_json, monitors=monitors)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
-        return fail(f"{e.strerror or e}{where}", as_json)
+        return fail(f"{e.strerror or e}{where}", as_json, monitors=monitors)
     except Exception as e:  # pylint: disable=broad-exception-caught
         if os.environ.get("OSBUILD_DEBUG"):
             raise
         return fail(f"internal error: {type(e).__name__}: {e} "
-                    "(set OSBUILD_DEBUG=1 for a traceback)", as_json)
+                    "(set OSBUILD_DEBUG=1 for a traceback)", as_json, monitors=monitors)
 
 
 if __name__ == "__main__":

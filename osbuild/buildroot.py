@@ -17,9 +17,10 @@ unprivileged range on the host; the binds of trees, of the program's own
 directories and of the API sockets are idmapped mounts (so files keep their
 real owners), the libdir and the `osbuild` package are bound read-only
 without idmapping (`BuildRoot.binds()` lists every bind as a `Bind`
-record); and the container has its own network namespace with only loopback. Root inside can therefore write the trees it is given
-but cannot remount, mknod, load modules, change sysctls or reach the host's
-network; privileged work (loop devices, mounting image filesystems) is done
+record); and the container has its own network namespace with only
+loopback. Root inside can therefore write the trees it is given but cannot
+remount, mknod, load modules, change sysctls or reach the host's network;
+privileged work (loop devices, mounting image filesystems) is done
 by the host through the APIs (see remoteloop.py). Each container runs in a
 pids cgroup of its own (util/pidlimit.py): a program that hits the limit is
 stopped and fails.
@@ -31,7 +32,6 @@ import random
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -423,9 +423,3 @@ def _terminate(proc):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
         proc.wait()
-
-
-def stream_monitor(data):
-    """A monitor that writes program output to this process' stdout."""
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()

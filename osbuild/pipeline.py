@@ -3,11 +3,14 @@
 import hashlib
 import json
 import os
+import time
 
 from osbuild.buildroot import BuildRoot, DEFAULT_MAX_PROCESSES
 from osbuild.layout import CONTAINER
 from osbuild.meta import receives_secrets, uses_host_network
+from osbuild.monitor import Monitor
 from osbuild.objectstore import Object
+from osbuild.results import PipelineResult, StageResult
 from osbuild.util.workdir import WorkDir
 
 
@@ -20,7 +23,8 @@ def compute_id(name, build, base, options):
 
 
 class BuildError(Exception):
-    """A program failed; `result` is the pipeline result up to and with it."""
+    """The original osbuild's `osbuild.BuildError` (a failed build; `result`
+    is its result). The engine returns PipelineResults and never raises it."""
 
     def __init__(self, result):
         super().__init__("build failed")
@@ -36,7 +40,7 @@ class BuildContext:
         self.libdir = os.path.abspath(libdir)
         self.sources_options = sources_options or {}
         self.secrets = secrets
-        self.monitor = monitor
+        self.monitor = monitor or Monitor()  # an osbuild.monitor.Monitor
         self.checkpoints = set(checkpoints)
         self.max_processes = max_processes  # of each build root; 0: no limit
         # an osbuild.remote.Remote shared with other build hosts, or None
@@ -45,15 +49,6 @@ class BuildContext:
     def pull(self, object_id):
         """Fetch `object_id` from the remote into the store; whether it is there now."""
         return self.remote is not None and self.remote.pull(self.store, object_id)
-
-    def announce(self, step):
-        """Print the header of a step in human mode."""
-        if self.monitor is not None:
-            text = f"{step.name}: {step.id}"
-            if step.options:
-                text += " " + json.dumps(step.options, indent=2, sort_keys=True)
-            self.monitor(("\n" + text + "\n").encode())
-
 
 class Stage:
     """One stage: a program that modifies the tree.
@@ -86,16 +81,18 @@ class Stage:
         return desc
 
     def run(self, ctx, buildroot, tree):
-        """Run the stage on the writable host path `tree`; returns its result."""
-        ctx.announce(self)
+        """Run the stage on the writable host path `tree`; returns its StageResult."""
+        return _timed(ctx, self, lambda: self._run(ctx, buildroot, tree))
+
+    def _run(self, ctx, buildroot, tree):
         if not receives_secrets(ctx.libdir, self.kind, self.name):
-            return _result(self, self._run_in(ctx, buildroot, tree, False))
+            return self._run_in(ctx, buildroot, tree, False)
         # Every program already gets a read-only /etc and its own /var, /tmp and
         # /root; a stage that gets secrets also gets a build root of its own (its
         # own runner set-up), so nothing another program touched is near the secret.
         with BuildRoot(buildroot.root, buildroot.runner, buildroot.libdir,
                        ctx.store.tmp, ctx.max_processes) as own:
-            return _result(self, self._run_in(ctx, own, tree, True))
+            return self._run_in(ctx, own, tree, True)
 
     def _run_in(self, ctx, buildroot, tree, secrets):
         from osbuild.sources import SourcesServer  # pylint: disable=import-outside-toplevel
@@ -113,7 +110,7 @@ class Stage:
             return buildroot.run(self.kind, self.name, args,
                                  binds=[(tree, CONTAINER.tree)],
                                  ro_binds=[(sources_dir, CONTAINER.sources)],
-                                 apis=[server], monitor=ctx.monitor, network=network)
+                                 apis=[server], monitor=ctx.monitor.log, network=network)
         finally:
             sources_workdir.cleanup()
 
@@ -127,14 +124,13 @@ class Assembler(Stage):
         super().__init__(name, None, build, base, options)
 
     def run(self, ctx, buildroot, tree, output_dir=None):  # pylint: disable=arguments-differ
-        """Run on the read-only `tree`, writing into `output_dir`."""
-        ctx.announce(self)
+        """Run on the read-only `tree`, writing into `output_dir`; returns its StageResult."""
         args = {"tree": CONTAINER.tree, "output_dir": CONTAINER.output, "options": self.options}
-        res = buildroot.run(self.kind, self.name, args,
-                            binds=[(output_dir, CONTAINER.output), (buildroot.dev, CONTAINER.dev)],
-                            ro_binds=[(tree, CONTAINER.tree)],
-                            apis=[buildroot.loop_server(tree, output_dir)], monitor=ctx.monitor)
-        return _result(self, res)
+        return _timed(ctx, self, lambda: buildroot.run(
+            self.kind, self.name, args,
+            binds=[(output_dir, CONTAINER.output), (buildroot.dev, CONTAINER.dev)],
+            ro_binds=[(tree, CONTAINER.tree)],
+            apis=[buildroot.loop_server(tree, output_dir)], monitor=ctx.monitor.log))
 
 
 def detect_os(*paths):
@@ -163,9 +159,14 @@ def detect_host_runner():
     return "org.osbuild." + detect_os("/etc/os-release", "/usr/lib/os-release")
 
 
-def _result(step, res):
-    return {"name": step.name, "id": step.id, "options": step.options,
-            "success": res.success, "output": res.output}
+def _timed(ctx, step, run):
+    """Run `step` with `run()` (a RunResult), telling the monitor; its StageResult."""
+    ctx.monitor.step_start(step)
+    started = time.monotonic()
+    res = run()
+    result = StageResult(step, res.success, res.output, time.monotonic() - started)
+    ctx.monitor.step_end(step, result)
+    return result
 
 
 class Pipeline:
@@ -223,22 +224,14 @@ class Pipeline:
             desc["assembler"] = self.assembler.description()
         return desc
 
-    def _ids(self, result):
-        if self.tree_id:
-            result["tree_id"] = self.tree_id
-        if self.output_id:
-            result["output_id"] = self.output_id
-        return result
-
     def _build_root(self, ctx, result, host_runner):
-        """Build the build pipeline if needed; returns (tree path, runner)."""
+        """Build the build pipeline if needed; returns (tree path, runner), or
+        None when it failed (its result is then in `result.build`)."""
         if self.build is None:
             return "/", self.runner or host_runner
-        build_result = self.build.run(ctx, host_runner)
-        result["build"] = build_result
-        if not build_result["success"]:
-            result["success"] = False
-            raise BuildError(result)
+        result.build = self.build.run(ctx, host_runner)
+        if not result.build.success:
+            return None
         if self.build.tree_id is None:
             return "/", self.runner
         return ctx.store.resolve_ref(self.build.tree_id), self.runner
@@ -249,51 +242,57 @@ class Pipeline:
         return wanted is None or ctx.store.contains(wanted) or ctx.pull(wanted)
 
     def run(self, ctx, host_runner):
-        """Build what is not in the store yet; returns the result (DESIGN 1.4)."""
-        result = {"success": True, "stages": []}
-        store = ctx.store
+        """Build what is not in the store yet; returns its PipelineResult (DESIGN 1.4)."""
+        result = PipelineResult(self)
         if self._finished(ctx):
             if self.build:
-                result["build"] = self._ids({"success": True, "stages": []})
-            return self._ids(result)
-        try:
-            root, runner = self._build_root(ctx, result, host_runner)
-            with BuildRoot(root, runner, ctx.libdir, store.tmp,
-                           ctx.max_processes) as buildroot:
-                self._run_stages(ctx, buildroot, result)
-                if self.assembler:
-                    self._run_assembler(ctx, buildroot, result)
-        except BuildError as e:
-            return self._ids(e.result)
-        return self._ids(result)
+                result.build = PipelineResult(self.build)
+            return result
+        found = self._build_root(ctx, result, host_runner)
+        if found is None:
+            return result
+        root, runner = found
+        with BuildRoot(root, runner, ctx.libdir, ctx.store.tmp,
+                       ctx.max_processes) as buildroot:
+            if self._run_stages(ctx, buildroot, result) and self.assembler:
+                self._run_assembler(ctx, buildroot, result)
+        return result
+
+    def steps_to_run(self, ctx):
+        """The stages and assemblers `run()` would run now, build pipelines' first."""
+        if self._finished(ctx):
+            return []
+        steps = self.build.steps_to_run(ctx) if self.build else []
+        steps += self._todo(ctx)[1]
+        return steps + ([self.assembler] if self.assembler else [])
+
+    def _todo(self, ctx):
+        """(id of the last stage already in the store or None, the stages to run)."""
+        for i in range(len(self.stages) - 1, -1, -1):
+            if ctx.store.contains(self.stages[i].id) or ctx.pull(self.stages[i].id):
+                return self.stages[i].id, self.stages[i + 1:]
+        return None, self.stages
 
     def _run_stages(self, ctx, buildroot, result):
+        """Run the stages not in the store; whether they all succeeded."""
         store = ctx.store
-        todo = self.stages
-        base = None
-        for i in range(len(self.stages) - 1, -1, -1):
-            if store.contains(self.stages[i].id) or ctx.pull(self.stages[i].id):
-                base = self.stages[i].id
-                todo = self.stages[i + 1:]
-                break
+        base, todo = self._todo(ctx)
         with Object(store, base) as obj:
             for stage in todo:
                 res = stage.run(ctx, buildroot, obj.write())
-                result["stages"].append(res)
-                if not res["success"]:
-                    result["success"] = False
-                    raise BuildError(result)
+                result.stages.append(res)
+                if not res.success:
+                    return False
                 if stage.id in ctx.checkpoints and stage is not todo[-1]:
                     store.commit(obj, stage.id)
             if todo:
                 store.commit(obj, self.tree_id)
+        return True
 
     def _run_assembler(self, ctx, buildroot, result):
         store = ctx.store
-        with Object(store) as empty, store.new(self.output_id) as output:
+        with Object(store) as empty, Object(store) as output:
             tree = store.resolve_ref(self.tree_id) if self.tree_id else empty.path
-            res = self.assembler.run(ctx, buildroot, tree, output.write())
-            result["assembler"] = res
-            if not res["success"]:
-                result["success"] = False
-                raise BuildError(result)
+            result.assembler = self.assembler.run(ctx, buildroot, tree, output.write())
+            if result.assembler.success:
+                store.commit(output, self.output_id)

@@ -22,6 +22,7 @@ from osbuild import __main__ as cli
 from osbuild.manifest import load, validate
 from osbuild.meta import ValidationError
 from osbuild.pipeline import Pipeline
+from osbuild.results import PipelineResult
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,7 +265,7 @@ def test_loader_deep_nesting():
 
 def _fake_run(self, _ctx, _runner):
     """Stands in for Pipeline.run in in-process CLI fuzzing (no builds)."""
-    return {"success": True, "stages": [], "tree_id": self.tree_id}
+    return PipelineResult(self)
 
 
 def run_main(argv):
