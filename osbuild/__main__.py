@@ -27,7 +27,7 @@ from osbuild import __version__
 from osbuild import monitor
 from osbuild.buildroot import DEFAULT_MAX_PROCESSES, BuildRootError
 from osbuild.manifest import host_runner, innermost, load, load_pipeline, validate
-from osbuild.meta import ProgramInfo, ValidationError
+from osbuild.meta import ValidationError, index
 from osbuild.monitor import LogMonitor, MonitorError, Monitors
 from osbuild.objectstore import ObjectStore, StoreError
 from osbuild.output import OutputError, copy_output
@@ -263,7 +263,7 @@ def run(args, monitors):
         raise UsageError(f"libdir {libdir} has no stages/ directory (use --libdir)")
     validate(pipeline, libdir, "pipeline" if "pipeline" in desc else "")
     for name, opts in sources.items():
-        ProgramInfo.load(libdir, "sources", name).validate(
+        index(libdir).get("sources", name).validate(
             {} if opts is None else opts, f"sources.{name}")
     if args.inspect:
         print_json(inspect(pipeline, sources), indent=2)

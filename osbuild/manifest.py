@@ -3,7 +3,8 @@
 import json
 import os
 
-from osbuild.meta import ProgramInfo, ValidationError, program_path
+from osbuild import meta
+from osbuild.meta import ValidationError
 from osbuild.pipeline import Pipeline, detect_host_runner, detect_os
 from osbuild.schema import check_manifest
 from osbuild.util import nesting, strictjson
@@ -159,23 +160,21 @@ def load_original(description, sources_options):
     return pipeline
 
 
-def validate(pipeline, libdir, where="pipeline", _infos=None):
+def validate(pipeline, libdir, where="pipeline"):
     """Check that every program exists and every options object fits its schema."""
     prefix = where + "." if where else ""
-    # Each program is read once, however many stages use it.
-    infos = {} if _infos is None else _infos
+    programs = meta.index(libdir)
+
     def info_of(kind, name, where):
-        if (kind, name) not in infos:
-            try:
-                infos[kind, name] = ProgramInfo.load(libdir, kind, name)
-            except ValidationError as e:
-                raise ValidationError(f"{where}: {e}") from None
-        return infos[kind, name]
+        try:
+            return programs.get(kind, name)
+        except ValidationError as e:
+            raise ValidationError(f"{where}: {e}") from None
     if pipeline.build:
-        validate(pipeline.build, libdir, f"{prefix}build.pipeline", infos)
+        validate(pipeline.build, libdir, f"{prefix}build.pipeline")
     if pipeline.runner is not None:
         try:
-            program_path(libdir, "runners", pipeline.runner)
+            programs.path("runners", pipeline.runner)
         except ValidationError as e:
             where = f"{prefix}build.runner" if pipeline.build else f"{prefix}runner"
             raise ValidationError(f"{where}: {e}") from None

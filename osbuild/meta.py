@@ -1,7 +1,9 @@
 """What programs in the library declare about themselves, and option checks.
 
-A program's STAGE_DESC, STAGE_INFO and STAGE_OPTS are read from its source
-with `ast`, without running it.
+A program's STAGE_DESC, STAGE_INFO, STAGE_OPTS, STAGE_NETWORK and
+STAGE_SECRETS are read from its source with `ast`, without running it, once
+per process and libdir: `index(libdir)` is the one `Index` that the
+manifest check, the sources check and the pipeline ask.
 """
 
 import ast
@@ -57,16 +59,39 @@ def _string_assignment(node):
     return None
 
 
-@functools.lru_cache(maxsize=256)
+class Index:
+    """The programs of one libdir: what each declares, read once (`ProgramInfo`)."""
+
+    def __init__(self, libdir):
+        self.libdir = libdir
+        self._infos = {}
+
+    def get(self, kind, name):
+        """The `ProgramInfo` of `<libdir>/<kind>/<name>`; ValidationError if it is unusable."""
+        key = (kind, name)
+        if key not in self._infos:
+            self._infos[key] = ProgramInfo.load(self.libdir, kind, name)
+        return self._infos[key]
+
+    def path(self, kind, name):
+        """The program's path (see `program_path`)."""
+        return program_path(self.libdir, kind, name)
+
+
+@functools.lru_cache(maxsize=16)
+def index(libdir):
+    """The process's one `Index` of `libdir`."""
+    return Index(libdir)
+
+
 def uses_host_network(libdir, kind, name):
-    """Whether the program declares STAGE_NETWORK = "host" (read once per process)."""
-    return ProgramInfo.load(libdir, kind, name).network
+    """Whether the program declares STAGE_NETWORK = "host"."""
+    return index(libdir).get(kind, name).network
 
 
-@functools.lru_cache(maxsize=256)
 def receives_secrets(libdir, kind, name):
-    """Whether the program declares STAGE_SECRETS = True (read once per process)."""
-    return ProgramInfo.load(libdir, kind, name).secrets
+    """Whether the program declares STAGE_SECRETS = True."""
+    return index(libdir).get(kind, name).secrets
 
 
 class ProgramInfo:

@@ -30,6 +30,7 @@ import threading
 
 from osbuild import api, credentials
 from osbuild.layout import CONTAINER
+from osbuild.programs.checksum import checksum_error
 from osbuild.util import jsoncomm
 from osbuild.util.lifetime import contained
 
@@ -39,27 +40,8 @@ API_PATH = CONTAINER.socket("sources")
 # Source program names: reverse-domain names, never a path.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9][A-Za-z0-9_-]*)+$")
 
-# Supported checksum algorithms and the length of their hex digests.
-HASH_LENGTHS = {"sha256": 64, "sha384": 96, "sha512": 128}
-
 # How much of a misbehaving program's output ends up in an error message.
 MAX_QUOTE = 2000
-
-
-def checksum_error(checksum):
-    """Return why `checksum` is not a valid `ALGO:HEX` string, or None if it is."""
-    if not isinstance(checksum, str):
-        return f"checksum {checksum!r} is not a string"
-    algo, sep, digest = checksum.partition(":")
-    if not sep or not re.fullmatch(r"[a-z0-9]+", algo):
-        return f"malformed checksum {checksum[:200]!r} (expected ALGORITHM:HEXDIGEST)"
-    if algo not in HASH_LENGTHS:
-        return (f"unsupported checksum algorithm {algo!r} in {checksum[:200]!r} "
-                f"(supported: {', '.join(sorted(HASH_LENGTHS))})")
-    if len(digest) != HASH_LENGTHS[algo] or not re.fullmatch(r"[0-9a-f]+", digest):
-        return (f"malformed checksum {checksum[:200]!r} "
-                f"({algo} needs {HASH_LENGTHS[algo]} lowercase hex digits)")
-    return None
 
 
 def _secret_strings(secrets):

@@ -235,15 +235,9 @@ def unpack_base(dest):
 
 
 def load_stage_schema(name):
-    """The full JSON schema of stages/<name>, read from STAGE_OPTS without importing."""
-    import ast  # pylint: disable=import-outside-toplevel
-    with open(os.path.join(REPO, "stages", name), encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "STAGE_OPTS":
-            opts = json.loads("{" + node.value.value + "}")
-            return {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", **opts}
-    raise AssertionError(f"{name} has no STAGE_OPTS")
+    """The full JSON schema of stages/<name> (read by osbuild's program index, never imported)."""
+    from osbuild import meta  # pylint: disable=import-outside-toplevel
+    return meta.index(REPO).get("stages", name).schema
 
 
 if __name__ == "__main__":

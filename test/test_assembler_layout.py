@@ -47,7 +47,7 @@ def test_starts_are_aligned_and_sizes_fill_gaps():
 
 def test_root_fs_uuid_required_without_partitions():
     """The default layout needs the root filesystem's uuid."""
-    with pytest.raises(qemu.AssemblerError, match="root_fs_uuid"):
+    with pytest.raises(qemu.ProgramError, match="root_fs_uuid"):
         plan({})
 
 
@@ -71,7 +71,7 @@ def test_root_fs_uuid_required_without_partitions():
 ])
 def test_bad_layouts(partitions, pttype, message):
     """Each bad layout is refused with a message naming the problem."""
-    with pytest.raises(qemu.AssemblerError, match=message):
+    with pytest.raises(qemu.ProgramError, match=message):
         plan({"partitions": partitions}, pttype)
 
 
@@ -80,11 +80,11 @@ def test_core_image_must_fit():
     parts = qemu.plan_partitions({"size": 64 * MIB, "partitions": [
         {"start": 64, "filesystem": ROOT}]}, "mbr", GRUB)
     assert qemu.core_location(parts, "mbr", 63 * 512) == 1
-    with pytest.raises(qemu.AssemblerError, match="does not fit"):
+    with pytest.raises(qemu.ProgramError, match="does not fit"):
         qemu.core_location(parts, "mbr", 64 * 512)
     parts = qemu.plan_partitions({"size": 64 * MIB, "root_fs_uuid": UUID}, "gpt", GRUB)
     assert qemu.core_location(parts, "gpt", 2048 * 512) == 2048
-    with pytest.raises(qemu.AssemblerError, match="BIOS boot partition"):
+    with pytest.raises(qemu.ProgramError, match="BIOS boot partition"):
         qemu.core_location(parts, "gpt", 2049 * 512)
 
 
@@ -115,7 +115,7 @@ def test_planned_layouts_are_sound(specs, pttype):
     total = 32 * MIB // 512
     try:
         parts = qemu.plan_partitions({"size": 32 * MIB, "partitions": specs}, pttype, GRUB)
-    except qemu.AssemblerError:
+    except qemu.ProgramError:
         return
     first, limit = (34, total - 33) if pttype == "gpt" else (1, total)
     for spec, part in zip(specs, parts):
@@ -137,7 +137,7 @@ def test_prep_core_goes_into_prep_partition(tmp_path):
     data = image.read_bytes()
     assert data[2048 * 512:2048 * 512 + 9] == b"\x7fELF-core"
     assert data.count(b"\x7fELF") == 1
-    with pytest.raises(qemu.AssemblerError, match="does not fit"):
+    with pytest.raises(qemu.ProgramError, match="does not fit"):
         qemu.install_prep(str(image), parts, "mbr", bytes(8192 * 512 + 1))
-    with pytest.raises(qemu.AssemblerError, match="needs a PReP partition"):
+    with pytest.raises(qemu.ProgramError, match="needs a PReP partition"):
         qemu.install_prep(str(image), parts[1:], "mbr", b"core")

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 
 from conftest import REPO, import_program
+from osbuild import meta
 
 TOOL = os.path.join(REPO, "tools", "osbuild-debian-manifest")
 SAMPLE = os.path.join(REPO, "samples", "debian12-qcow2.json")
@@ -121,17 +122,10 @@ def test_build_manifest_validates_against_stage_schemas():
 
 
 def stage_schema(kind, name):
-    """The JSON schema of a stage or assembler, read with ast (never imported)."""
-    import ast  # pylint: disable=import-outside-toplevel
-    path = os.path.join(REPO, kind, name)
-    if not os.path.exists(path):
+    """The JSON schema of a stage or assembler (osbuild's program index; never imported)."""
+    if not os.path.exists(os.path.join(REPO, kind, name)):
         pytest.skip(f"{kind}/{name} does not exist yet")
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "STAGE_OPTS":
-            return json.loads("{" + node.value.value + "}")
-    raise AssertionError(f"{name} has no STAGE_OPTS")
+    return meta.index(REPO).get(kind, name).schema
 
 
 def test_argument_errors():

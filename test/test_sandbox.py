@@ -24,7 +24,7 @@ from osbuild import __main__ as cli
 from osbuild.manifest import load
 from osbuild.meta import ValidationError, check_name
 from osbuild.objectstore import ObjectStore, StoreError, copy_tree, remove_tree
-from osbuild.sources import checksum_error
+from osbuild.programs.checksum import checksum_error
 from osbuild.treesum import treesum
 
 from hygiene import check_store, leftovers, no_leftovers_fixture  # pylint: disable=unused-import

@@ -23,6 +23,7 @@ import hypothesis
 import pytest
 
 from osbuild import sources
+from osbuild.programs.checksum import HASH_LENGTHS, checksum_error
 from osbuild.util import jsoncomm
 from osbuild.util.workdir import WorkDir
 
@@ -760,25 +761,19 @@ def test_read_json_helper(api):
 def test_program_metadata():
     """Both sources declare STAGE_DESC/INFO/OPTS, and OPTS is a valid schema body."""
     # pylint: disable=import-outside-toplevel
-    import ast
     import jsonschema
+    from osbuild import meta
     files_schema = None
     for path in (FILES, DNF):
         assert os.access(path, os.X_OK)
         with open(path, encoding="utf-8") as f:
-            text = f.read()
-        assert text.startswith("#!/usr/bin/python3\n")
-        values = {}
-        for node in ast.parse(text).body:
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
-                for target in node.targets:
-                    if isinstance(target, ast.Name):
-                        values[target.id] = node.value.value
-        schema = json.loads("{" + values["STAGE_OPTS"] + "}")
+            assert f.read().startswith("#!/usr/bin/python3\n")
+        info = meta.index(REPO).get("sources", os.path.basename(path))
+        schema = info.opts
         jsonschema.Draft4Validator.check_schema(schema)
         assert schema["additionalProperties"] is False
-        assert values["STAGE_DESC"] and "\n" not in values["STAGE_DESC"].strip()
-        assert values["STAGE_INFO"].strip()
+        assert info.desc and "\n" not in info.desc
+        assert info.info
         if path == FILES:
             files_schema = schema
     validator = jsonschema.Draft4Validator(files_schema)
@@ -843,10 +838,10 @@ def test_files_output_on_other_filesystem(server, tmp_path):
     hypothesis.strategies.text(),
     hypothesis.strategies.from_regex(r"\Asha(256|384|512):[0-9a-f./]{0,130}\Z"),
 ))
-def test_checksum_validation_is_path_safe(checksum):
+def test_checksum_validation_is_path_safe(text):
     """Any checksum the server accepts is a plain, safe file name of the right length."""
-    if sources.checksum_error(checksum) is None:
-        algo, digest = checksum.split(":")
-        assert "/" not in checksum and checksum not in (".", "..")
-        assert len(digest) == sources.HASH_LENGTHS[algo]
+    if checksum_error(text) is None:
+        algo, digest = text.split(":")
+        assert "/" not in text and text not in (".", "..")
+        assert len(digest) == HASH_LENGTHS[algo]
         assert set(digest) <= set("0123456789abcdef")

@@ -42,6 +42,23 @@ def update_ca_trust():
     run_if_present(["update-ca-trust", "extract"])
 
 
+def debian_setup():
+    """Debian and Ubuntu: the linker cache (alternatives and CA certificates come with /etc)."""
+    ldconfig()
+
+
+def fedora_setup():
+    """Fedora and RHEL: linker cache, system users from sysusers.d, CA trust store."""
+    ldconfig()
+    sysusers()
+    update_ca_trust()
+
+
+def main(setup):
+    """A runner's entry point: `run` with the program's arguments."""
+    run(sys.argv[1:], setup)
+
+
 def run(argv, setup):
     """`--setup`: run `setup` and exit; else set up stdio and exec `argv`."""
     if argv == ["--setup"]:
