@@ -159,7 +159,7 @@ def load_build_env(path, pipeline, libdir=None):
         raise UsageError(f"build environment {path}: expected "
                          '{"runner": NAME, "pipeline": {...}}')
     check_pipeline(env.get("pipeline"), "build-env.pipeline", libdir)
-    build = load_pipeline(env.get("pipeline") or {}, "build-env.pipeline")
+    build = load_pipeline(env.get("pipeline") or {}, "build-env.pipeline", environ=os.environ)
     inner = innermost(pipeline)
     inner.build = build
     inner.runner = env["runner"]
@@ -170,7 +170,7 @@ def _rebuild(pipeline):
     """Recompute ids after a build pipeline was attached (ids depend on it)."""
     if pipeline.build is not None:
         pipeline.build = _rebuild(pipeline.build)
-    fresh = Pipeline(pipeline.runner, pipeline.build)
+    fresh = Pipeline(pipeline.runner, pipeline.build, pipeline.source_epoch)
     for stage in pipeline.stages:
         fresh.add_stage(stage.name, stage.sources, stage.options)
     if pipeline.assembler:
@@ -197,6 +197,8 @@ def describe_with_ids(pipeline):
                          "runner": pipeline.runner}
     elif pipeline.runner is not None:
         desc["runner"] = pipeline.runner
+    if pipeline.source_epoch is not None:
+        desc["source-epoch"] = pipeline.source_epoch
     if pipeline.stages:
         desc["stages"] = [dict(stage.description(), id=stage.id) for stage in pipeline.stages]
     if pipeline.assembler:
@@ -250,7 +252,7 @@ def print_json(value, indent=None):
 def run(args, monitors):
     """Do what the command line asks; returns the exit status."""
     desc = read_json(args.manifest, "manifest")
-    manifest = load(desc, args.libdir)
+    manifest = load(desc, args.libdir, os.environ)
     for warning in manifest.warnings:
         print(f"osbuild: warning: {warning}", file=sys.stderr)
     pipeline = manifest.pipeline

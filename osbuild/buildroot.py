@@ -134,11 +134,17 @@ def tree_dirs(tree, names=_USR_DIRS):
 class BuildRoot(contextlib.AbstractContextManager):
     """Runs programs from `libdir` in containers made from the tree `root`.
 
-    `max_processes` limits the processes of each container (None or 0: no limit).
+    `max_processes` limits the processes of each container (None or 0: no limit);
+    `epoch` is every program's SOURCE_DATE_EPOCH (None: not set).
     """
+    # pylint: disable=too-many-instance-attributes
 
-    def __init__(self, root, runner, libdir, tmpdir, max_processes=DEFAULT_MAX_PROCESSES):
+    def __init__(self, root, runner, libdir, tmpdir, max_processes=DEFAULT_MAX_PROCESSES,
+                 epoch=None):
+        # pylint: disable=too-many-arguments,too-many-positional-arguments
         self.root = os.path.abspath(root)
+        # SOURCE_DATE_EPOCH of every program (see osbuild/reproducible.py)
+        self.epoch = epoch
         self.runner = runner
         self.libdir = os.path.abspath(libdir)
         self.max_processes = max_processes or None
@@ -255,6 +261,8 @@ class BuildRoot(contextlib.AbstractContextManager):
             "--setenv=LC_ALL=C.UTF-8",
             "--setenv=PATH=/usr/sbin:/usr/bin:/sbin:/bin",
         ]
+        if self.epoch is not None:
+            argv.append(f"--setenv=SOURCE_DATE_EPOCH={int(self.epoch)}")
         if not network:
             argv.append("--private-network")
         mounts = mounts or idmap.MountTable()

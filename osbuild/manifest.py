@@ -2,10 +2,12 @@
 
 import json
 import os
+import time
 
 from osbuild import meta
 from osbuild.meta import ValidationError
 from osbuild.pipeline import Pipeline, detect_host_runner, detect_os
+from osbuild.reproducible import ENV as EPOCH_ENV, EpochError, check_epoch
 from osbuild.schema import check_manifest
 from osbuild.util import nesting, strictjson
 
@@ -69,16 +71,32 @@ def _check_id(desc, key, actual, where):
                               f"computed id {json.dumps(actual)}")
 
 
-def load_pipeline(desc, where, runner=None, sources_options=None):
+def source_epoch(desc, prefix, environ):
+    """The pipeline's explicit timestamp: SOURCE_DATE_EPOCH in `environ`, else its
+    `source-epoch`, else None (see osbuild/reproducible.py)."""
+    try:
+        if environ and environ.get(EPOCH_ENV):
+            return check_epoch(environ[EPOCH_ENV], EPOCH_ENV, time.time())
+        if desc.get("source-epoch") is not None:
+            return check_epoch(desc["source-epoch"], prefix + "source-epoch", time.time())
+    except EpochError as e:
+        raise ValidationError(str(e)) from None
+    return None
+
+
+def load_pipeline(desc, where, runner=None, sources_options=None, environ=None):
     """Build a Pipeline from its description; `where` names it in errors.
 
     The ids `--inspect` adds (`id` of each stage and the assembler,
     `tree_id`, `output_id`) are accepted and must match the computed ones.
+    `environ` (osbuild's environment) may override `source-epoch` with
+    SOURCE_DATE_EPOCH.
     """
+    # pylint: disable=too-many-locals
     _expect(desc, (dict,), where or "manifest", "pipeline")
     prefix = where + "." if where else ""
-    _check_keys(desc, ("build", "stages", "assembler", "runner", "tree_id", "output_id"),
-                where or "manifest")
+    _check_keys(desc, ("build", "stages", "assembler", "runner", "tree_id", "output_id",
+                       "source-epoch"), where or "manifest")
     build = None
     build_desc = desc.get("build")
     if build_desc is not None and build_desc != {}:
@@ -90,12 +108,12 @@ def load_pipeline(desc, where, runner=None, sources_options=None):
         _expect(build_desc["runner"], (str,), f"{bwhere}.runner", "runner")
         inner = build_desc.get("pipeline")
         build = load_pipeline({} if inner is None else inner, f"{bwhere}.pipeline",
-                              sources_options=sources_options)
+                              sources_options=sources_options, environ=environ)
         runner = build_desc["runner"]
     elif desc.get("runner") is not None:
         _expect(desc["runner"], (str,), prefix + "runner", "runner")
         runner = desc["runner"]
-    pipeline = Pipeline(runner, build)
+    pipeline = Pipeline(runner, build, source_epoch(desc, prefix, environ))
     stages = desc.get("stages")
     stages = [] if stages is None else stages
     _expect(stages, (list,), prefix + "stages", "stages")
@@ -113,10 +131,11 @@ def load_pipeline(desc, where, runner=None, sources_options=None):
     return pipeline
 
 
-def load(desc, libdir=None):
+def load(desc, libdir=None, environ=None):
     """Load a manifest in either format: `{"pipeline": ..., "sources": ...}` or a bare pipeline.
 
-    The structure is checked against schemas/osbuild1.json (see osbuild.schema) first.
+    The structure is checked against schemas/osbuild1.json (see osbuild.schema)
+    first. `environ`: see load_pipeline.
     """
     nesting.check(desc, "manifest")  # before anything that recurses per level
     strictjson.check(desc)
@@ -136,8 +155,9 @@ def load(desc, libdir=None):
         _expect(sources, (dict,), "sources", "sources")
         pipeline = desc["pipeline"]
         return Manifest(load_pipeline({} if pipeline is None else pipeline, "pipeline",
-                                      sources_options=sources), sources, warnings)
-    return Manifest(load_pipeline(desc, ""), {}, warnings)
+                                      sources_options=sources, environ=environ),
+                        sources, warnings)
+    return Manifest(load_pipeline(desc, "", environ=environ), {}, warnings)
 
 
 def load_original(description, sources_options):

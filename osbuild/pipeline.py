@@ -10,14 +10,22 @@ from osbuild.layout import CONTAINER
 from osbuild.meta import receives_secrets, uses_host_network
 from osbuild.monitor import Monitor
 from osbuild.objectstore import Object
+from osbuild.reproducible import DEFAULT_EPOCH, clamp_mtimes
 from osbuild.results import PipelineResult, StageResult
 from osbuild.util.workdir import WorkDir
 
 
-def compute_id(name, build, base, options):
-    """The id of DESIGN 1.3: SHA-256 over four canonical JSON texts."""
+def compute_id(name, build, base, options, source_epoch=None):
+    """The id of DESIGN 1.3: SHA-256 over four canonical JSON texts.
+
+    A `source_epoch` other than None and DEFAULT_EPOCH adds a fifth text
+    (`{"source-epoch": N}`): another timestamp makes another tree.
+    """
     digest = hashlib.sha256()
-    for part in (name, build, base, options):
+    parts = [name, build, base, options]
+    if source_epoch is not None and source_epoch != DEFAULT_EPOCH:
+        parts.append({"source-epoch": source_epoch})
+    for part in parts:
         digest.update(json.dumps(part, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -61,17 +69,19 @@ class Stage:
 
     kind = "stages"
 
-    def __init__(self, name, sources_options, build, base, options):
+    def __init__(self, name, sources_options, build, base, options, source_epoch=None):
+        # pylint: disable=too-many-arguments,too-many-positional-arguments
         self.name = name
         self.sources = sources_options
         self.build = build
         self.base = base
         self.options = options or {}
+        self.source_epoch = source_epoch  # the pipeline's explicit one (see reproducible.py)
 
     @property
     def id(self):
         """The id of DESIGN 1.3 (computed from the current build, base and options)."""
-        return compute_id(self.name, self.build, self.base, self.options)
+        return compute_id(self.name, self.build, self.base, self.options, self.source_epoch)
 
     def description(self):
         """The manifest form of this stage."""
@@ -91,7 +101,7 @@ class Stage:
         # /root; a stage that gets secrets also gets a build root of its own (its
         # own runner set-up), so nothing another program touched is near the secret.
         with BuildRoot(buildroot.root, buildroot.runner, buildroot.libdir,
-                       ctx.store.tmp, ctx.max_processes) as own:
+                       ctx.store.tmp, ctx.max_processes, epoch=buildroot.epoch) as own:
             return self._run_in(ctx, own, tree, True)
 
     def _run_in(self, ctx, buildroot, tree, secrets):
@@ -120,8 +130,9 @@ class Assembler(Stage):
 
     kind = "assemblers"
 
-    def __init__(self, name, build, base, options):
-        super().__init__(name, None, build, base, options)
+    def __init__(self, name, build, base, options, source_epoch=None):
+        # pylint: disable=too-many-arguments,too-many-positional-arguments
+        super().__init__(name, None, build, base, options, source_epoch)
 
     def run(self, ctx, buildroot, tree, output_dir=None):  # pylint: disable=arguments-differ
         """Run on the read-only `tree`, writing into `output_dir`; returns its StageResult."""
@@ -170,13 +181,23 @@ def _timed(ctx, step, run):
 
 
 class Pipeline:
-    """Stages, an optional assembler and an optional build pipeline."""
+    """Stages, an optional assembler and an optional build pipeline.
 
-    def __init__(self, runner=None, build=None):
+    `source_epoch` is the pipeline's timestamp (manifest `source-epoch` or
+    SOURCE_DATE_EPOCH), None for DEFAULT_EPOCH; set it before adding stages.
+    """
+
+    def __init__(self, runner=None, build=None, source_epoch=None):
         self.runner = runner
         self.build = build
         self.stages = []
         self.assembler = None
+        self.source_epoch = source_epoch
+
+    @property
+    def epoch(self):
+        """The timestamp of everything this pipeline writes (seconds since 1970)."""
+        return DEFAULT_EPOCH if self.source_epoch is None else self.source_epoch
 
     @property
     def build_id(self):
@@ -195,7 +216,8 @@ class Pipeline:
 
     def add_stage(self, name, sources_options=None, options=None):
         """Append a stage (arguments as in the original osbuild); returns it."""
-        stage = Stage(name, sources_options, self.build_id, self.tree_id, options)
+        stage = Stage(name, sources_options, self.build_id, self.tree_id, options,
+                      self.source_epoch)
         self.stages.append(stage)
         if self.assembler:
             self.assembler.base = stage.id
@@ -203,7 +225,7 @@ class Pipeline:
 
     def set_assembler(self, name, options=None):
         """Set the assembler; returns it."""
-        self.assembler = Assembler(name, self.build_id, self.tree_id, options)
+        self.assembler = Assembler(name, self.build_id, self.tree_id, options, self.source_epoch)
         return self.assembler
 
     def all_stage_ids(self):
@@ -218,6 +240,8 @@ class Pipeline:
         desc = {}
         if self.build:
             desc["build"] = {"pipeline": self.build.description(), "runner": self.runner}
+        if self.source_epoch is not None:
+            desc["source-epoch"] = self.source_epoch
         if self.stages:
             desc["stages"] = [s.description() for s in self.stages]
         if self.assembler:
@@ -253,7 +277,7 @@ class Pipeline:
             return result
         root, runner = found
         with BuildRoot(root, runner, ctx.libdir, ctx.store.tmp,
-                       ctx.max_processes) as buildroot:
+                       ctx.max_processes, epoch=self.epoch) as buildroot:
             if self._run_stages(ctx, buildroot, result) and self.assembler:
                 self._run_assembler(ctx, buildroot, result)
         return result
@@ -283,6 +307,8 @@ class Pipeline:
                 result.stages.append(res)
                 if not res.success:
                     return False
+                # what the stage wrote "now" gets the pipeline's timestamp
+                clamp_mtimes(obj.write(), self.epoch)
                 if stage.id in ctx.checkpoints and stage is not todo[-1]:
                     store.commit(obj, stage.id)
             if todo:
@@ -295,4 +321,5 @@ class Pipeline:
             tree = store.resolve_ref(self.tree_id) if self.tree_id else empty.path
             result.assembler = self.assembler.run(ctx, buildroot, tree, output.write())
             if result.assembler.success:
+                clamp_mtimes(output.write(), self.epoch)
                 store.commit(output, self.output_id)
