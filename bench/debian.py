@@ -2,7 +2,9 @@
 """Benchmark: build the Debian 13 and Debian 12 samples; compare with the reference recipe.
 
 Prints, for samples/debian13-qcow2.json and samples/debian12-qcow2.json (or
-the --manifest files), from one run each:
+the --manifest files), from one run each (a sample whose pinned packages the
+archive no longer serves is replaced by one resolved today, see
+test/debian_samples.py):
   * cold build (empty store, so an empty source cache too),
   * warm rebuild (nothing changed: everything comes from the store),
   * rebuild after changing only the last configuration stage (grub2),
@@ -32,8 +34,10 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLES = [os.path.join(REPO, "samples", "debian13-qcow2.json"),
-           os.path.join(REPO, "samples", "debian12-qcow2.json")]
+SAMPLES = ["debian13-qcow2.json", "debian12-qcow2.json"]
+sys.path.insert(0, os.path.join(REPO, "test"))
+
+import debian_samples  # noqa: E402  pylint: disable=wrong-import-position,import-error
 RECIPE = os.path.join(os.path.dirname(REPO), "shared", "reference", "debian12-bootable-recipe.sh")
 HEADER = re.compile(r"^(org\.osbuild\.[A-Za-z0-9._-]+): ([0-9a-f]{64}) \{")
 DPKG_STEP = re.compile(r"^org\.osbuild\.dpkg: (sources ready|\d+ base packages extracted|"
@@ -277,7 +281,7 @@ def main():
         raise SystemExit("bench/debian.py must run as root (nspawn, loop devices)")
     workdir = args.workdir or tempfile.mkdtemp(prefix="osbuild-bench-debian-", dir="/var/tmp")
     all_figures = {}
-    for path in args.manifest or SAMPLES:
+    for path in args.manifest or [debian_samples.manifest_path(name) for name in SAMPLES]:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
         label = label_of(path)

@@ -1,5 +1,8 @@
 """Build samples/debian12-qcow2.json (hybrid) through osbuild and boot it under BIOS and UEFI.
 
+The manifest comes from debian_samples: the pinned sample while the archive
+serves it, else one resolved today.
+
 The image gets one extra stage (bootvm.report_stage): a systemd unit that,
 once the system is up, writes a report to a virtio serial port (a file on the
 host) and powers the machine off. The tests assert the report and a clean
@@ -12,9 +15,9 @@ import time
 import pytest
 
 import bootvm
-from conftest import REPO, run_osbuild
+import debian_samples
+from conftest import run_osbuild
 
-SAMPLE = os.path.join(REPO, "samples", "debian12-qcow2.json")
 
 pytestmark = bootvm.MARKS
 
@@ -24,7 +27,8 @@ def image_fixture(tmp_path_factory):
     """The built image: (path, work directory)."""
     base = tmp_path_factory.mktemp("debian12")
     t0 = time.monotonic()
-    res = run_osbuild(bootvm.with_report(SAMPLE), base / "store",
+    res = run_osbuild(bootvm.with_report(debian_samples.manifest_path("debian12-qcow2.json")),
+                      base / "store",
                       "--output-directory", base / "out")
     print(f"Debian 12 build {time.monotonic() - t0:.1f}s")
     assert res.returncode == 0, f"build failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"

@@ -15,9 +15,9 @@ import time
 import pytest
 
 import bootvm
+import debian_samples
 from conftest import REPO, import_program, run_osbuild
 
-SAMPLE = os.path.join(REPO, "samples", "debian13-qcow2.json")
 TOOL = import_program(os.path.join(REPO, "tools", "osbuild-debian-manifest"), "debian_manifest")
 ROOT_UUID = TOOL.DEFAULT_UUID
 
@@ -42,7 +42,7 @@ def images_fixture(tmp_path_factory):
     """{"hybrid": path, "uefi": path} built through one store."""
     base = tmp_path_factory.mktemp("debian13")
     store, out = base / "store", base / "out"
-    hybrid = bootvm.with_report(SAMPLE)
+    hybrid = bootvm.with_report(debian_samples.manifest_path("debian13-qcow2.json"))
     images = {}
     for name, manifest in (("hybrid", hybrid), ("uefi", uefi_variant(hybrid))):
         t0 = time.monotonic()

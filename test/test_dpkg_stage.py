@@ -240,10 +240,9 @@ def test_installed_packages_satisfy_dependencies(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_missing_dependency_through_osbuild(tmp_path):
     """A hand-edited manifest without libc6 fails in the dpkg stage with a clear message."""
-    import json  # pylint: disable=import-outside-toplevel
     from conftest import run_osbuild  # pylint: disable=import-outside-toplevel
-    with open(os.path.join(REPO, "samples", "debian12-qcow2.json"), encoding="utf-8") as f:
-        manifest = json.load(f)
+    import debian_samples  # pylint: disable=import-outside-toplevel
+    manifest = debian_samples.load("debian12-qcow2.json")
     urls = manifest["sources"]["org.osbuild.files"]["urls"]
     libc = [c for c, u in urls.items() if "/libc6_" in u]
     assert len(libc) == 1
