@@ -16,6 +16,7 @@ import http.client
 import json
 import os
 import queue
+import re
 import subprocess
 import tempfile
 import threading
@@ -163,7 +164,8 @@ def generator_args(manifest):
     if dpkg is None:
         raise ResolveError(f"it has no {PACKAGE_STAGE} stage to resolve again")
     suites = [s for entry in (dpkg.get("options") or {}).get("apt_sources") or []
-              for s in entry.get("suites") or [] if "-" not in s and "/" not in s]
+              for s in entry.get("suites") or []
+              if isinstance(s, str) and re.fullmatch(r"[a-z0-9][a-z0-9.]*", s)]
     if not suites:
         raise ResolveError(f"its {PACKAGE_STAGE} stage names no apt_sources suite")
     args = ["--suite", suites[0]]
@@ -182,6 +184,7 @@ def configuration(manifest):
     out = copy.deepcopy(manifest)
     for key in DERIVED_KEYS:
         out.pop(key, None)
+        (out.get("pipeline") or {}).pop(key, None)
     for stage in (out.get("pipeline") or {}).get("stages") or []:
         if stage.get("name") == PACKAGE_STAGE:
             for key in DERIVED_KEYS:

@@ -157,8 +157,22 @@ def test_generator_args_and_configuration():
     other["pipeline"]["stages"][0]["options"]["packages"] = ["sha256:" + "1" * 64]
     other["sources"]["org.osbuild.files"]["urls"] = {"sha256:" + "1" * 64: "http://x/y_1_all.deb"}
     assert pinned.configuration(other) == pinned.configuration(desc)
+    other["pipeline"]["source-epoch"] = 1700000000   # the generator derives it from the archive
+    assert pinned.configuration(other) == pinned.configuration(desc)
     other["pipeline"]["stages"][1]["options"]["hostname"] = "changed"
     assert pinned.configuration(other) != pinned.configuration(desc)
+
+
+@pytest.mark.parametrize("suites", [["--mirror=http://evil.example/"], ["-o/etc/passwd"],
+                                    ["trixie-updates"], ["trixie/updates"], [7]])
+def test_generator_args_take_only_plain_suites(suites):
+    """A suite that could pass as an option (or is not a base suite) is never handed on."""
+    desc = load_sample()
+    desc["pipeline"]["stages"][0]["options"]["apt_sources"] = [{"uris": ["http://x"],
+                                                                "suites": suites,
+                                                                "components": ["main"]}]
+    with pytest.raises(pinned.ResolveError, match="names no apt_sources suite"):
+        pinned.generator_args(desc)
 
 
 def test_choose_offline_uses_store(tmp_path, refused, capsys):
