@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -247,3 +248,51 @@ def test_debian_samples_resolve_when_gone(tmp_path):
                                         str(tmp_path / "ok")) == \
         str(tmp_path / "ok" / "debian13-qcow2.json")
     assert not (tmp_path / "r2").exists()
+
+
+class DroppingHandler(Handler):
+    """HEAD answers 200 until `server.heads` were answered; then every request is dropped."""
+
+    def do_HEAD(self):  # noqa: N802  pylint: disable=invalid-name
+        """200, or a closed connection once the archive "went away"."""
+        self.server.seen.append((self.command, self.path))
+        if self.command == "HEAD" and len(self.server.seen) <= self.server.heads:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.close_connection = True    # no answer at all: like a network that went down
+
+    do_GET = do_HEAD
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_build_image_download_failure_is_the_network(tmp_path):
+    """The archive goes away between build-image's check and the download: said so, not a bug."""
+    desc = load_sample()
+    desc["pipeline"]["stages"] = desc["pipeline"]["stages"][:1]
+    desc["pipeline"]["assembler"] = None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DroppingHandler)
+    httpd.seen, httpd.heads = [], len(pinned.source_urls(desc))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        path = write(tmp_path / "debian13-qcow2.json",
+                     point_at(desc, f"http://127.0.0.1:{httpd.server_address[1]}/pool"))
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "build-image"), path,
+                               "--store", str(tmp_path / "store"),
+                               "--output-directory", str(tmp_path / "out")],
+                              capture_output=True, text=True, check=False, timeout=600)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert any(c == "GET" for c, _ in httpd.seen), "the build never tried to download"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("build-image: downloading the packages failed: cannot reach the "
+                           "archive") and "network problem" in last, proc.stderr[-3000:]
+    assert "no longer in the archive" not in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.listdir(tmp_path / "store" / "refs")
+    assert not (tmp_path / "out" / "manifest.json").exists()
