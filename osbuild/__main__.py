@@ -26,14 +26,14 @@ import json
 from osbuild import __version__
 from osbuild import monitor
 from osbuild.buildroot import DEFAULT_MAX_PROCESSES, BuildRootError
-from osbuild.manifest import host_runner, innermost, load, load_pipeline, validate
+from osbuild.formats import v1
+from osbuild.manifest import host_runner, validate
 from osbuild.meta import ValidationError, index
 from osbuild.monitor import LogMonitor, MonitorError, Monitors
 from osbuild.objectstore import ObjectStore, StoreError
 from osbuild.output import OutputError, copy_output
-from osbuild.pipeline import BuildContext, Pipeline
+from osbuild.pipeline import BuildContext
 from osbuild import remote as remote_store
-from osbuild.schema import check_pipeline
 from osbuild.util import nesting, strictjson
 
 DEFAULT_LIBDIR = "/usr/lib/osbuild"
@@ -151,65 +151,6 @@ def read_object(path, what):
     return value
 
 
-def load_build_env(path, pipeline, libdir=None):
-    """Attach the --build-env pipeline as the innermost build pipeline."""
-    env = read_json(path, "build environment")
-    if not isinstance(env, dict) or not isinstance(env.get("runner"), str) \
-            or not isinstance(env.get("pipeline", {}), dict):
-        raise UsageError(f"build environment {path}: expected "
-                         '{"runner": NAME, "pipeline": {...}}')
-    check_pipeline(env.get("pipeline"), "build-env.pipeline", libdir)
-    build = load_pipeline(env.get("pipeline") or {}, "build-env.pipeline", environ=os.environ)
-    inner = innermost(pipeline)
-    inner.build = build
-    inner.runner = env["runner"]
-    return _rebuild(pipeline)
-
-
-def _rebuild(pipeline):
-    """Recompute ids after a build pipeline was attached (ids depend on it)."""
-    if pipeline.build is not None:
-        pipeline.build = _rebuild(pipeline.build)
-    fresh = Pipeline(pipeline.runner, pipeline.build, pipeline.source_epoch)
-    for stage in pipeline.stages:
-        fresh.add_stage(stage.name, stage.sources, stage.options)
-    if pipeline.assembler:
-        fresh.set_assembler(pipeline.assembler.name, pipeline.assembler.options)
-    return fresh
-
-
-def inspect(pipeline, sources):
-    """The manifest with every stage's and assembler's `id` (and tree/output ids) filled in."""
-    result = {"pipeline": describe_with_ids(pipeline)}
-    if sources:
-        result["sources"] = sources
-    return result
-
-
-def describe_with_ids(pipeline):
-    """A pipeline's description with `id` in every stage and the assembler.
-
-    Each pipeline also gets its `tree_id` and `output_id` (when it has them).
-    """
-    desc = {}
-    if pipeline.build is not None:
-        desc["build"] = {"pipeline": describe_with_ids(pipeline.build),
-                         "runner": pipeline.runner}
-    elif pipeline.runner is not None:
-        desc["runner"] = pipeline.runner
-    if pipeline.source_epoch is not None:
-        desc["source-epoch"] = pipeline.source_epoch
-    if pipeline.stages:
-        desc["stages"] = [dict(stage.description(), id=stage.id) for stage in pipeline.stages]
-    if pipeline.assembler:
-        desc["assembler"] = dict(pipeline.assembler.description(), id=pipeline.assembler.id)
-    if pipeline.tree_id:
-        desc["tree_id"] = pipeline.tree_id
-    if pipeline.output_id:
-        desc["output_id"] = pipeline.output_id
-    return desc
-
-
 def print_human(result):
     """The closing lines of the human log."""
     if result["success"]:
@@ -252,12 +193,13 @@ def print_json(value, indent=None):
 def run(args, monitors):
     """Do what the command line asks; returns the exit status."""
     desc = read_json(args.manifest, "manifest")
-    manifest = load(desc, args.libdir, os.environ)
+    manifest = v1.load(desc, args.libdir, os.environ)
     for warning in manifest.warnings:
         print(f"osbuild: warning: {warning}", file=sys.stderr)
     pipeline = manifest.pipeline
     if args.build_env:
-        pipeline = load_build_env(args.build_env, pipeline, args.libdir)
+        v1.attach_build_env(read_json(args.build_env, "build environment"), pipeline,
+                            f"build environment {args.build_env}", args.libdir, os.environ)
     sources = read_object(args.sources, "sources file") if args.sources else manifest.sources
     secrets = read_object(args.secrets, "secrets file") if args.secrets else None
     libdir = os.path.abspath(args.libdir)
@@ -268,7 +210,7 @@ def run(args, monitors):
         index(libdir).get("sources", name).validate(
             {} if opts is None else opts, f"sources.{name}")
     if args.inspect:
-        print_json(inspect(pipeline, sources), indent=2)
+        print_json(v1.inspect(pipeline, sources), indent=2)
         return 0
     runner = host_runner(libdir)
     known = set(pipeline.all_stage_ids())

@@ -73,14 +73,42 @@ class Stage:
         # pylint: disable=too-many-arguments,too-many-positional-arguments
         self.name = name
         self.sources = sources_options
-        self.build = build
-        self.base = base
+        self._build = build
+        self._base = base
         self.options = options or {}
-        self.source_epoch = source_epoch  # the pipeline's explicit one (see reproducible.py)
+        self._source_epoch = source_epoch
+        self.pipeline = None  # set by Pipeline.add_stage: build and base then follow it
+
+    @property
+    def build(self):
+        """The build pipeline's tree id, or None (the pipeline's, while in one)."""
+        return self.pipeline.build_id if self.pipeline is not None else self._build
+
+    @build.setter
+    def build(self, value):
+        self._build = value
+
+    @property
+    def base(self):
+        """The previous stage's id, or None (the pipeline's, while in one)."""
+        return self.pipeline.base_of(self) if self.pipeline is not None else self._base
+
+    @base.setter
+    def base(self, value):
+        self._base = value
+
+    @property
+    def source_epoch(self):
+        """The explicit timestamp (see reproducible.py), or None (the pipeline's, while in one)."""
+        return self.pipeline.source_epoch if self.pipeline is not None else self._source_epoch
+
+    @source_epoch.setter
+    def source_epoch(self, value):
+        self._source_epoch = value
 
     @property
     def id(self):
-        """The id of DESIGN 1.3 (computed from the current build, base and options)."""
+        """The id of DESIGN 1.3, computed from the current build, base and options."""
         return compute_id(self.name, self.build, self.base, self.options, self.source_epoch)
 
     def description(self):
@@ -133,6 +161,15 @@ class Assembler(Stage):
     def __init__(self, name, build, base, options, source_epoch=None):
         # pylint: disable=too-many-arguments,too-many-positional-arguments
         super().__init__(name, None, build, base, options, source_epoch)
+
+    @property
+    def base(self):
+        """The tree id it assembles, or None (the pipeline's, while in one)."""
+        return self.pipeline.tree_id if self.pipeline is not None else self._base
+
+    @base.setter
+    def base(self, value):
+        self._base = value
 
     def run(self, ctx, buildroot, tree, output_dir=None):  # pylint: disable=arguments-differ
         """Run on the read-only `tree`, writing into `output_dir`; returns its StageResult."""
@@ -207,7 +244,8 @@ class Pipeline:
     @property
     def tree_id(self):
         """The id of the finished tree (the last stage's), or None."""
-        return self.stages[-1].id if self.stages else None
+        ids = self.stage_ids()
+        return ids[-1] if ids else None
 
     @property
     def output_id(self):
@@ -216,37 +254,48 @@ class Pipeline:
 
     def add_stage(self, name, sources_options=None, options=None):
         """Append a stage (arguments as in the original osbuild); returns it."""
-        stage = Stage(name, sources_options, self.build_id, self.tree_id, options,
-                      self.source_epoch)
+        stage = Stage(name, sources_options, None, None, options)
+        stage.pipeline = self
         self.stages.append(stage)
-        if self.assembler:
-            self.assembler.base = stage.id
         return stage
 
     def set_assembler(self, name, options=None):
         """Set the assembler; returns it."""
-        self.assembler = Assembler(name, self.build_id, self.tree_id, options, self.source_epoch)
+        self.assembler = Assembler(name, None, None, options)
+        self.assembler.pipeline = self
         return self.assembler
+
+    def stage_ids(self, upto=None):
+        """The ids of the stages, in order (up to and without the stage `upto`).
+
+        One pass: each id is the base of the next one.
+        """
+        build = self.build_id
+        ids, base = [], None
+        for stage in self.stages:
+            if stage is upto:
+                break
+            base = compute_id(stage.name, build, base, stage.options, self.source_epoch) \
+                if stage.pipeline is self else stage.id
+            ids.append(base)
+        return ids
+
+    def base_of(self, step):
+        """The base of `step` (a stage or the assembler of this pipeline): the id before it."""
+        ids = self.stage_ids(upto=step)
+        return ids[-1] if ids else None
 
     def all_stage_ids(self):
         """Ids of all stages of this pipeline and its build pipelines."""
-        ids = [s.id for s in self.stages]
+        ids = self.stage_ids()
         if self.build:
             ids += self.build.all_stage_ids()
         return ids
 
     def description(self):
         """The canonical manifest form (empty and null parts dropped)."""
-        desc = {}
-        if self.build:
-            desc["build"] = {"pipeline": self.build.description(), "runner": self.runner}
-        if self.source_epoch is not None:
-            desc["source-epoch"] = self.source_epoch
-        if self.stages:
-            desc["stages"] = [s.description() for s in self.stages]
-        if self.assembler:
-            desc["assembler"] = self.assembler.description()
-        return desc
+        from osbuild.formats import v1  # pylint: disable=import-outside-toplevel,cyclic-import
+        return v1.describe(self)
 
     def _build_root(self, ctx, result, host_runner):
         """Build the build pipeline if needed; returns (tree path, runner), or
@@ -292,9 +341,10 @@ class Pipeline:
 
     def _todo(self, ctx):
         """(id of the last stage already in the store or None, the stages to run)."""
+        ids = self.stage_ids()
         for i in range(len(self.stages) - 1, -1, -1):
-            if ctx.store.contains(self.stages[i].id) or ctx.pull(self.stages[i].id):
-                return self.stages[i].id, self.stages[i + 1:]
+            if ctx.store.contains(ids[i]) or ctx.pull(ids[i]):
+                return ids[i], self.stages[i + 1:]
         return None, self.stages
 
     def _run_stages(self, ctx, buildroot, result):

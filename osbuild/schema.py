@@ -53,9 +53,12 @@ def _load(path):
 
 
 def load_schema(libdir=None):
-    """The manifest schema as a dict, or None if it cannot be found."""
+    """The manifest schema as a dict; ValidationError when there is none."""
     path = find_schema(libdir)
-    return _load(path) if path else None
+    if path is None:
+        raise ValidationError("cannot find the manifest schema "
+                              f"(looked for {', '.join(schema_paths(libdir))})")
+    return _load(path)
 
 
 def format_path(parts, where=""):
@@ -98,18 +101,12 @@ def _check(instance, schema, where):
 
 
 def check_manifest(desc, libdir=None):
-    """Raise ValidationError naming the offending place if `desc` is not a manifest.
-
-    Does nothing when no schema can be found (the loader's own checks still run).
-    """
-    schema = load_schema(libdir)
-    if schema is not None:
-        _check(desc, schema, "")
+    """Raise ValidationError naming the offending place if `desc` is not a manifest."""
+    _check(desc, load_schema(libdir), "")
 
 
 def check_pipeline(desc, where, libdir=None):
     """Check a bare pipeline description (e.g. of --build-env); `where` prefixes errors."""
     schema = load_schema(libdir)
-    if schema is not None:
-        sub = dict(schema["definitions"]["pipeline"], definitions=schema["definitions"])
-        _check(desc, sub, where)
+    sub = dict(schema["definitions"]["pipeline"], definitions=schema["definitions"])
+    _check(desc, sub, where)

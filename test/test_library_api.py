@@ -95,7 +95,9 @@ def test_load_gives_sources_and_host_runner():
 
 
 def test_load_refuses_what_the_cli_refuses():
-    with pytest.raises(ValidationError, match=r"^stages\[0\]: unknown key 'nme'"):
+    # the same schema check as the CLI's, with the same message
+    with pytest.raises(ValidationError, match=r"^stages\[0\]: Additional properties are not "
+                                              r"allowed \('nme' was unexpected\)"):
         osbuild.load({"stages": [{"nme": "x"}]}, {})
     with pytest.raises(ValidationError, match=r"stages\[0\]\.options\.x: a string containing a NUL"):
         osbuild.load({"stages": [{"name": "org.osbuild.noop", "options": {"x": "a\0"}}]}, {})
