@@ -7,6 +7,7 @@ before the container starts, so a program never races its server.
 
 import json
 import os
+import re
 import select
 import threading
 import time
@@ -167,22 +168,52 @@ def _send_quietly(conn, reply):
         return False
 
 
+# Phases one program run may report, and how a phase's name looks.
+MAX_PHASES = 32
+PHASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
+
+
 class OsbuildAPI(BaseAPI):
     """The `osbuild` endpoint: hands a program its arguments and log fds.
 
     `setup-stdio` answers with three descriptors: a memfd holding the JSON
     arguments (for stdin) and the write end of the log pipe twice (stdout,
-    stderr).
+    stderr). `{"method": "phase", "name": NAME}` reports that the program
+    entered a phase (`phase()` is the client call): `on_phase(NAME)` is
+    called for at most MAX_PHASES names matching PHASE_RE; others are refused.
     """
 
     endpoint = "osbuild"
 
-    def __init__(self, args, output_fd):
+    def __init__(self, args, output_fd, on_phase=None):
         super().__init__()
         self.args = args
         self.output_fd = output_fd
+        self.on_phase = on_phase
+        self._phases = 0
+        self._lock = threading.Lock()
+
+    def _phase(self, msg, sock):
+        name = msg.get("name")
+        if set(msg) != {"method", "name"} or not isinstance(name, str) \
+                or not PHASE_RE.fullmatch(name):
+            sock.send({"error": "phase: expected {\"method\": \"phase\", \"name\": NAME} "
+                                f"with a NAME matching {PHASE_RE.pattern}"})
+            return
+        with self._lock:
+            self._phases += 1
+            allowed = self._phases <= MAX_PHASES
+        if not allowed:
+            sock.send({"error": f"phase: at most {MAX_PHASES} phases per program"})
+            return
+        if self.on_phase is not None:
+            self.on_phase(name)
+        sock.send({})
 
     def _message(self, msg, fds, sock):
+        if isinstance(msg, dict) and msg.get("method") == "phase":
+            self._phase(msg, sock)
+            return
         if not isinstance(msg, dict) or msg.get("method") != "setup-stdio":
             sock.send({"error": f"unknown request: {quote(msg)}"})
             return
@@ -205,3 +236,18 @@ def setup_stdio(path=CONTAINER.socket("osbuild")):
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+def phase(name, path=CONTAINER.socket("osbuild")):
+    """Client call: tell the host (its monitor) that this program enters phase `name`.
+
+    Best effort: a host that cannot be told (too many phases, no API) does
+    not fail the program.
+    """
+    try:
+        with jsoncomm.Socket.new_client(path) as sock:
+            _, fds = sock.call({"method": "phase", "name": name})
+            for fd in fds:
+                os.close(fd)
+    except OSError:
+        pass

@@ -280,14 +280,16 @@ class BuildRoot(contextlib.AbstractContextManager):
         return workdir
 
     def run(self, kind, name, args, binds=(), ro_binds=(), apis=(), monitor=None,
-            network=False):  # pylint: disable=too-many-arguments
+            network=False, on_phase=None):
         """Run the program `<libdir>/<kind>/<name>` with JSON `args` on stdin.
 
         `binds`/`ro_binds` are (host path, container path) pairs; `apis` are
         BaseAPI servers to expose next to the osbuild API; `monitor` is called
         with each chunk of output as it arrives; `network` shares the host's
-        network instead of a private one with only loopback.
+        network instead of a private one with only loopback; `on_phase` is
+        called with each phase the program reports (see api.OsbuildAPI).
         """
+        # pylint: disable=too-many-arguments,too-many-positional-arguments
         setup_output = ""
         if self._setup is None:
             self._setup = self._container(["--setup"], (), (), None, (), monitor, False)
@@ -299,11 +301,12 @@ class BuildRoot(contextlib.AbstractContextManager):
                     monitor(msg.encode())
                 return RunResult(self._setup.returncode, setup_output + msg)
         res = self._container([CONTAINER.program(kind, name)], binds, ro_binds, args,
-                              apis, monitor, network)
+                              apis, monitor, network, on_phase)
         res.output = setup_output + res.output
         return res
 
-    def _container(self, program, binds, ro_binds, args, apis, monitor, network):
+    def _container(self, program, binds, ro_binds, args, apis, monitor, network,
+                   on_phase=None):
         """Start the runner with `program` as its arguments in a container with
         the `apis` and, unless `args` is None (the runner's set-up, which alone
         gets /etc writable), the osbuild API handing out `args`."""
@@ -328,8 +331,8 @@ class BuildRoot(contextlib.AbstractContextManager):
                     raise BuildRootError(str(e)) from e
                 stack.callback(limit.close)
                 argv = limit.wrap(argv)
-            returncode, chunks, hit = _execute(argv, api_workdir.path, args, apis, monitor,
-                                               limit)
+            servers = ([] if args is None else [OsbuildAPI(args, None, on_phase)]) + list(apis)
+            returncode, chunks, hit = _execute(argv, api_workdir.path, servers, monitor, limit)
         if hit:
             msg = (f"\nosbuild: the program hit the build root's limit of {self.max_processes} "
                    "processes (--max-processes) and was stopped\n").encode()
@@ -340,12 +343,15 @@ class BuildRoot(contextlib.AbstractContextManager):
         return RunResult(returncode, b"".join(chunks).decode("utf-8", errors="replace"))
 
 
-def _execute(argv, api_dir, args, apis, monitor, limit):
-    """Run the container command `argv` with the API servers in `api_dir`;
-    returns (exit status, output chunks, whether the process limit was hit)."""
-    # pylint: disable=too-many-arguments,too-many-positional-arguments,too-many-locals
+def _execute(argv, api_dir, servers, monitor, limit):
+    """Run the container command `argv` with the API `servers` in `api_dir`;
+    returns (exit status, output chunks, whether the process limit was hit).
+    The OsbuildAPI among them hands out the write end of the log pipe."""
+    # pylint: disable=too-many-locals
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    servers = ([] if args is None else [OsbuildAPI(args, write_fd)]) + list(apis)
+    for server in servers:
+        if isinstance(server, OsbuildAPI):
+            server.output_fd = write_fd
     chunks, errors, hit = [], [], []
     proc = None
     err_r, err_w = os.pipe2(os.O_CLOEXEC)

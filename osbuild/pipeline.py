@@ -141,14 +141,15 @@ class Stage:
             # stage itself only if it declares STAGE_SECRETS (dnf, yum)
             server = SourcesServer(ctx.libdir, ctx.sources_options, ctx.store.sources,
                                    sources_dir, ctx.secrets, stage_secrets=secrets,
-                                   remote=ctx.remote)
+                                   remote=ctx.remote, monitor=ctx.monitor)
             args = {"tree": CONTAINER.tree, "sources": CONTAINER.sources,
                     "options": self.options}
             network = uses_host_network(ctx.libdir, self.kind, self.name)
             return buildroot.run(self.kind, self.name, args,
                                  binds=[(tree, CONTAINER.tree)],
                                  ro_binds=[(sources_dir, CONTAINER.sources)],
-                                 apis=[server], monitor=ctx.monitor.log, network=network)
+                                 apis=[server], monitor=ctx.monitor.log, network=network,
+                                 on_phase=lambda name: ctx.monitor.phase(self, name))
         finally:
             sources_workdir.cleanup()
 
@@ -178,7 +179,8 @@ class Assembler(Stage):
             self.kind, self.name, args,
             binds=[(output_dir, CONTAINER.output), (buildroot.dev, CONTAINER.dev)],
             ro_binds=[(tree, CONTAINER.tree)],
-            apis=[buildroot.loop_server(tree, output_dir)], monitor=ctx.monitor.log))
+            apis=[buildroot.loop_server(tree, output_dir)], monitor=ctx.monitor.log,
+            on_phase=lambda name: ctx.monitor.phase(self, name)))
 
 
 def detect_os(*paths):

@@ -24,9 +24,11 @@ programs that declare `STAGE_SECRETS = True` (dnf, yum).
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 from osbuild import api, credentials
 from osbuild.layout import CONTAINER
@@ -42,6 +44,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9][A-Za-z0-9_-]*)+$
 
 # How much of a misbehaving program's output ends up in an error message.
 MAX_QUOTE = 2000
+# Progress reports of a source program: the largest one read, the most bytes
+# one may claim, and how often the monitor hears of them at most.
+MAX_PROGRESS_MESSAGE = 512
+MAX_PROGRESS_BYTES = 1 << 50
+PROGRESS_INTERVAL = 0.5
 
 
 def _secret_strings(secrets):
@@ -109,8 +116,9 @@ class SourcesServer(api.BaseAPI):
         self._setup(*args, **kwargs)
 
     def _setup(self, libdir, options, cache, output, secrets=None, stage_secrets=False,
-               remote=None):
+               remote=None, monitor=None):
         # pylint: disable=too-many-arguments,too-many-positional-arguments
+        self.monitor = monitor  # an osbuild.monitor.Monitor told of download progress
         self.stage_secrets = stage_secrets
         self.libdir = os.path.abspath(libdir)
         self.options = options or {}
@@ -183,29 +191,40 @@ class SourcesServer(api.BaseAPI):
             if self.remote is not None:  # what the remote has need not be downloaded
                 self.remote.fetch_sources(name, checksums, cache, request["options"])
                 missing = [c for c in checksums if not os.path.isfile(os.path.join(cache, c))]
-            # contained: the program and its children (curl, ...) die with osbuild
-            proc = subprocess.run(contained([sys.executable, program]), input=json.dumps(request),
-                                  capture_output=True, text=True, env=env, check=False,
-                                  cwd="/")
-            named = self._check(name, proc, checksums)
+            channel = ProgressChannel(self.monitor, name, len(checksums))
+            with channel:
+                if channel.fd is not None:
+                    request["progress"] = channel.fd
+                # contained: the program and its children (curl, ...) die with osbuild
+                # pylint: disable-next=consider-using-with
+                proc = subprocess.Popen(contained([sys.executable, program]), text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=env, cwd="/",
+                                        pass_fds=[] if channel.fd is None else [channel.fd])
+                channel.started()
+                with proc:
+                    out, err = proc.communicate(json.dumps(request))
+            named = self._check(name, subprocess.CompletedProcess(proc.args, proc.returncode,
+                                                                  out, err), checksums)
+            channel.done()
             if self.remote is not None:  # share what this host had to download
                 self.remote.upload_sources(name, [c for c in missing if c not in named], cache,
                                            request["options"])
         return named
 
     def _check(self, name, proc, checksums):
-        stderr = _quote(self.scrub(proc.stderr))
+        stdout, stderr = proc.stdout, _quote(self.scrub(proc.stderr))
         try:
-            reply = json.loads(proc.stdout)
+            reply = json.loads(stdout)
         except ValueError:
-            printed = _quote(self.scrub(proc.stdout)) or "nothing"
+            printed = _quote(self.scrub(stdout)) or "nothing"
             msg = (f"source {name} did not print a JSON reply (exit status {proc.returncode}); "
                    f"it printed: {printed}")
             if stderr:
                 msg += f"; stderr: {stderr}"
             raise RuntimeError(msg) from None
         if not isinstance(reply, dict):
-            raise RuntimeError(f"source {name} printed {_quote(self.scrub(proc.stdout))} "
+            raise RuntimeError(f"source {name} printed {_quote(self.scrub(stdout))} "
                                "instead of a JSON object")
         if "error" in reply:
             raise RuntimeError(f"source {name}: {self.scrub(str(reply['error']))}")
@@ -263,6 +282,137 @@ class SourcesServer(api.BaseAPI):
         finally:
             for fd in secret_fds:
                 os.close(fd)
+
+
+class ProgressChannel:
+    """Host side of a source program's progress reports, passed on to a monitor.
+
+    The program gets one end of a SOCK_SEQPACKET socket pair (its request's
+    `progress` is the descriptor number) and sends datagrams
+    `{"files_done": N, "bytes_done": N, "bytes_total": N or null}` (see
+    `Progress`). Reports are untrusted: a datagram that is too long, is not
+    such an object or claims impossible numbers is dropped, and the monitor
+    hears at most one report every PROGRESS_INTERVAL seconds (plus the
+    first and the last), each of the same few fields.
+    """
+
+    def __init__(self, monitor, source, files_total):
+        self.monitor = monitor
+        self.source = source
+        self.files_total = files_total
+        self.fd = None
+        self._ours = self._thread = None
+        self._started = time.monotonic()
+        self._last = None           # the last accepted report (files, bytes, total)
+        self._sent = 0.0            # when the monitor last heard of one
+
+    def __enter__(self):
+        if self.monitor is not None:
+            self._ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.fd = theirs.detach()
+            self._thread = threading.Thread(target=self._read, daemon=True,
+                                            name=f"progress-{self.source}")
+        return self
+
+    def started(self):
+        """The program runs (and holds its end): close ours, start reading."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            self._thread.start()
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self._thread is not None and self._thread.ident is not None:
+            self._thread.join(timeout=10)
+        if self._ours is not None:
+            self._ours.close()
+            self._ours = None
+
+    def done(self):
+        """The program succeeded: every file is there (told only if it downloaded any)."""
+        if self._last is not None:
+            _, done, total = self._last
+            self._tell(self.files_total, max(done, total or 0), total, force=True)
+
+    def _read(self):
+        while True:
+            try:
+                data, _, flags, _ = self._ours.recvmsg(MAX_PROGRESS_MESSAGE)
+            except OSError:
+                return
+            if not data:
+                return
+            if flags & socket.MSG_TRUNC:
+                continue
+            report = self._parse(data)
+            if report is not None:
+                self._tell(*report)
+
+    def _parse(self, data):
+        try:
+            msg = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return None
+        if not isinstance(msg, dict) or set(msg) != {"files_done", "bytes_done", "bytes_total"}:
+            return None
+        files, done, total = msg["files_done"], msg["bytes_done"], msg["bytes_total"]
+        def count(value, most):
+            return type(value) is int and 0 <= value <= most  # pylint: disable=unidiomatic-typecheck
+        if not count(files, self.files_total) or not count(done, MAX_PROGRESS_BYTES) or \
+                total is not None and not count(total, MAX_PROGRESS_BYTES):
+            return None
+        if total is not None and done > total:
+            total = None
+        return files, done, total
+
+    def _tell(self, files, done, total, force=False):
+        from osbuild.monitor import DownloadProgress  # pylint: disable=import-outside-toplevel
+        now = time.monotonic()
+        first = self._last is None
+        self._last = (files, done, total)
+        if not (force or first) and now - self._sent < PROGRESS_INTERVAL:
+            return
+        self._sent = now
+        rate = done / max(now - self._started, 0.001)
+        self.monitor.download(DownloadProgress(self.source, files, self.files_total, done, total,
+                                               rate))
+
+
+class Progress:
+    """Client side for a source program: report its downloads to the host.
+
+    `args` is the program's request; without a `progress` descriptor in it
+    (no monitor), reports go nowhere. Reporting never fails the program.
+    """
+
+    def __init__(self, args):
+        fd = args.get("progress") if isinstance(args, dict) else None
+        self.sock = None
+        if type(fd) is int:  # pylint: disable=unidiomatic-typecheck
+            try:
+                self.sock = socket.socket(fileno=fd)
+            except OSError:
+                self.sock = None
+
+    def report(self, files_done, bytes_done, bytes_total=None):
+        """`files_done` of the requested files are there, `bytes_done` bytes fetched
+        (of `bytes_total`, None while unknown)."""
+        if self.sock is None:
+            return
+        msg = {"files_done": files_done, "bytes_done": bytes_done, "bytes_total": bytes_total}
+        try:
+            self.sock.send(json.dumps(msg).encode())
+        except OSError:
+            self.close()
+
+    def close(self):
+        """Stop reporting."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def get(source, checksums, api_path=API_PATH, sources_dir=SOURCES_DIR):
