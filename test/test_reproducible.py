@@ -9,15 +9,20 @@ When they are not, the assertion lists the differing files (tools/tree-diff).
 
 import concurrent.futures
 import copy
+import functools
+import hashlib
+import http.server
 import json
 import os
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import pytest
 
+import stagetest
 from conftest import REPO, run_osbuild
 from hygiene import check_store
 from osbuild.pipeline import compute_id
@@ -263,6 +268,80 @@ def test_script_tar_is_reproducible(tmp_path, parallel):
             assert member.mtime <= EPOCH
             assert not {"atime", "ctime"} & set(member.pax_headers), member.name
             assert "PaxHeaders." not in member.name
+    for store in stores:
+        check_store(store)
+
+
+# ---------------------------------------------------------------- dpkg, from warm caches
+
+# Small packages from the host's apt cache whose dependencies a minbase tree
+# has: maintainer scripts (emacsen-common), an ldconfig trigger (libboost).
+DEBS = ["emacsen-common_3.0.5_all.deb", "libboost-system1.74.0_1.74.0+ds1-21_amd64.deb",
+        "fortunes-min_1%3a1.99.1-7.3_all.deb", "dns-root-data_2024071801~deb12u1_all.deb"]
+APT_CACHE = "/var/cache/apt/archives"
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # pylint: disable=redefined-builtin
+        pass
+
+
+@pytest.fixture(name="warm_files")
+def warm_files_fixture(tmp_path):
+    """The cached minbase tarball and DEBS served on 127.0.0.1: {name: (checksum, url)}."""
+    missing = [d for d in DEBS if not os.path.exists(os.path.join(APT_CACHE, d))]
+    if missing:
+        pytest.skip(f"not in {APT_CACHE}: {', '.join(missing)}")
+    served = tmp_path / "served"
+    served.mkdir()
+    files = {}
+    for path in [stagetest.debian_tar()] + [os.path.join(APT_CACHE, d) for d in DEBS]:
+        name = os.path.basename(path).replace("%3a", "_")
+        os.symlink(path, served / name)
+        with open(path, "rb") as f:
+            files[name] = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    handler = functools.partial(_Quiet, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = f"http://127.0.0.1:{server.server_address[1]}"
+    yield {name: (checksum, f"{root}/{name}") for name, checksum in files.items()}
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.integration
+def test_dpkg_stage_is_reproducible(tmp_path, warm_files):
+    """A minbase tree plus a few packages installed by org.osbuild.dpkg, built twice."""
+    tar_name = next(n for n in warm_files if n.endswith(".tar"))
+    tar_sum = warm_files[tar_name][0]
+    debs = [warm_files[n][0] for n in sorted(warm_files) if n != tar_name]
+    desc = {"pipeline": {"source-epoch": EPOCH, "stages": [
+        {"name": "org.osbuild.files-test", "options": {"checksums": [tar_sum], "path": "/seed"}},
+        {"name": "org.osbuild.script", "options": {"chroot": False, "script":
+            "tar -xf seed/* --numeric-owner --xattrs -C . && rm -r seed"}},
+        {"name": "org.osbuild.dpkg", "options": {"packages": debs}},
+    ]}, "sources": {"org.osbuild.files": {"urls": dict(warm_files.values())}}}
+    ids = [s["id"] for s in run_osbuild(desc, tmp_path / "x", "--inspect", check=True)
+           .json["pipeline"]["stages"]]
+    stores = [str(tmp_path / "one" / "store"), str(tmp_path / "two" / "deeper" / "store")]
+    for store, tz in zip(stores, ("UTC", "America/St_Johns")):
+        os.makedirs(os.path.dirname(store))
+        manifest_path = os.path.join(os.path.dirname(store), "m.json")
+        with open(manifest_path, "w", encoding="utf-8") as f:
+            json.dump(desc, f)
+        env = dict(os.environ, TZ=tz)
+        env.pop("SOURCE_DATE_EPOCH", None)
+        cmd = [sys.executable, "-m", "osbuild", "--libdir", REPO, "--store", store, "--json"]
+        cmd += [a for i in ids[:-1] for a in ("--checkpoint", i)] + [manifest_path]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              check=False, timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        time.sleep(2)
+    assert_same_objects(stores[0], stores[1], ids)
+    tree = os.path.join(stores[0], "refs", ids[-1])
+    with open(os.path.join(tree, "var/log/dpkg.log"), encoding="utf-8") as f:
+        assert all(line.startswith("2023-11-14 22:13:20 ") for line in f)
+    assert os.lstat(os.path.join(tree, "var/lib/dpkg/status")).st_mtime == EPOCH
     for store in stores:
         check_store(store)
 
