@@ -1,6 +1,8 @@
 # osbuild: man pages, source tarball, RPMs, tests.
 #
 #   make image    build samples/debian13-qcow2.json into output/ and print how to boot it
+#                 (a freshly resolved manifest when a pinned package is gone from the
+#                 archive; output/manifest.json is what was built)
 #   make man      the man pages, into $(BUILDDIR)/man/ (BUILDDIR defaults to build;
 #                 needs rst2man from python3-docutils)
 #   make tarball  $(RPMBUILD_DIR)/SOURCES/osbuild-VERSION.tar.gz of the checkout: tracked and

@@ -228,25 +228,32 @@ def has_apt_pkg():
 
 @pytest.mark.integration
 @pytest.mark.skipif(not has_apt_pkg(), reason="needs /usr/bin/python3 with python3-apt")
-def test_debian_samples_resolve_when_gone(tmp_path):
-    """The tests' helper: a sample whose zstd is gone gives today's manifest, same configuration."""
-    desc = load_sample()
+@pytest.mark.parametrize("name", ["debian13-qcow2.json", "debian12-qcow2.json"])
+def test_debian_samples_resolve_when_gone(tmp_path, name):
+    """The tests' helper: a sample whose zstd is gone gives today's manifest, same configuration.
+
+    Also proves that the generator's arguments read off each sample reproduce
+    its configuration, so the fallback works on the day the sample goes stale.
+    """
+    with open(os.path.join(REPO, "samples", name), encoding="utf-8") as f:
+        text = f.read()
+    desc = json.loads(text)
     urls = desc["sources"]["org.osbuild.files"]["urls"]
     zstd = next(c for c, u in urls.items() if "/zstd_" in u)
     urls[zstd] = re.sub(r"/zstd_[^_/]*_", "/zstd_99.0-osbuild-gone_", urls[zstd])
-    write(tmp_path / "samples" / "debian13-qcow2.json", desc)
+    write(tmp_path / "samples" / name, desc)
     samples = str(tmp_path / "samples")
-    path = debian_samples.manifest_path("debian13-qcow2.json", str(tmp_path / "resolved"), samples)
-    assert path == str(tmp_path / "resolved" / "debian13-qcow2.json")
+    path = debian_samples.manifest_path(name, str(tmp_path / "resolved"), samples)
+    assert path == str(tmp_path / "resolved" / name)
     with open(path, encoding="utf-8") as f:
         fresh = json.load(f)
     assert pinned.configuration(fresh) == pinned.configuration(desc)
     assert not [u for u in pinned.source_urls(fresh).values() if "osbuild-gone" in u]
     # the unchanged sample is served as is: the pinned file itself
-    write(tmp_path / "ok" / "debian13-qcow2.json", load_sample())
-    assert debian_samples.manifest_path("debian13-qcow2.json", str(tmp_path / "r2"),
+    write(tmp_path / "ok" / name, json.loads(text))
+    assert debian_samples.manifest_path(name, str(tmp_path / "r2"),
                                         str(tmp_path / "ok")) == \
-        str(tmp_path / "ok" / "debian13-qcow2.json")
+        str(tmp_path / "ok" / name)
     assert not (tmp_path / "r2").exists()
 
 
