@@ -48,8 +48,10 @@ def run_osbuild(manifest, store, *args, json_output=True, stdin=None, check=Fals
     if json_output:
         cmd.append("--json")
     cmd += [str(a) for a in args] + [str(manifest)]
+    # a SOURCE_DATE_EPOCH of the caller's would change every id (osbuild/reproducible.py)
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
     proc = subprocess.run(cmd, cwd=REPO, input=stdin, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+                          timeout=timeout, check=False, env=env)
     res = OsbuildResult(proc.returncode, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"osbuild failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
