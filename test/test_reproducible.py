@@ -24,7 +24,7 @@ import pytest
 
 import debian_samples
 import stagetest
-from conftest import REPO, run_osbuild
+from conftest import REPO, import_program, run_osbuild
 from hygiene import check_store
 from osbuild.pipeline import compute_id
 from osbuild.reproducible import DEFAULT_EPOCH, clamp_mtimes, derive_uuid
@@ -169,6 +169,26 @@ def test_derive_uuid_is_stable():
     a = derive_uuid({"size": 1}, "root")
     assert a == derive_uuid({"size": 1}, "root")
     assert a != derive_uuid({"size": 2}, "root") and a.version == 4
+
+
+def test_generator_epoch_is_the_suites_release_date(tmp_path):
+    tool = import_program(os.path.join(REPO, "tools", "osbuild-debian-manifest"), "gen_epoch")
+    signed = ("-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\nOrigin: Debian\n"
+              "Suite: {suite}\nCodename: {codename}\nDate: {date}\nSHA256:\n"
+              " 0123 12 main/binary-amd64/Packages\n-----BEGIN PGP SIGNATURE-----\n")
+    for name, suite, codename, date in [
+            ("d_dists_trixie_InRelease", "stable", "trixie", "Sat, 08 Nov 2025 09:00:00 UTC"),
+            ("d_dists_trixie-updates_InRelease", "stable-updates", "trixie-updates",
+             "Mon, 01 Dec 2025 08:00:00 UTC"),
+            ("d_dists_bookworm_Release", "oldstable", "bookworm", "Sat, 10 May 2025 10:00:00 UTC")]:
+        (tmp_path / name).write_text(signed.format(suite=suite, codename=codename, date=date))
+    assert tool.release_epoch(str(tmp_path), "trixie") == 1762592400
+    assert tool.release_epoch(str(tmp_path), "stable") == 1762592400
+    assert tool.release_epoch(str(tmp_path), "bookworm") == 1746871200
+    # no Release of the suite itself: the newest of the others
+    assert tool.release_epoch(str(tmp_path), "forky") == 1764576000
+    with pytest.raises(tool.ToolError):
+        tool.release_epoch(str(tmp_path / "nothing"), "trixie")
 
 
 # ---------------------------------------------------------------- clamping
