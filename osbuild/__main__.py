@@ -24,6 +24,7 @@ import argparse
 import json
 
 from osbuild import __version__
+from osbuild import cache
 from osbuild import monitor
 from osbuild.buildroot import DEFAULT_MAX_PROCESSES, BuildRootError
 from osbuild.formats import v1
@@ -54,7 +55,7 @@ def parse_args(argv):
     """Parse the command line."""
     parser = _Parser(
         prog="osbuild", description="Build operating-system images from a JSON manifest.")
-    parser.add_argument("manifest", metavar="MANIFEST",
+    parser.add_argument("manifest", metavar="MANIFEST", nargs="?",
                         help="the manifest (JSON file), or - to read it from stdin")
     parser.add_argument("--store", metavar="DIR", default=".osbuild",
                         help="directory of the object store (default: .osbuild)")
@@ -91,8 +92,20 @@ def parse_args(argv):
     parser.add_argument("--remote", metavar="s3://BUCKET/PREFIX",
                         help="share trees, outputs and source files with other build hosts "
                              "through this S3 bucket (needs boto3)")
+    parser.add_argument("--cache-max-size", metavar="SIZE",
+                        help="after the build, evict least recently used objects and source "
+                             "files until the store fits SIZE (bytes, or with a unit: 500MB, "
+                             "20GiB; or 'unlimited'); the store remembers it")
+    parser.add_argument("--gc", action="store_true",
+                        help="shrink the store to --cache-max-size (or its saved limit) "
+                             "without building; takes no MANIFEST")
     parser.add_argument("--version", action="version", version=f"osbuild {__version__}")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.gc and args.manifest is not None:
+        raise UsageError("--gc takes no MANIFEST (see osbuild --help)")
+    if not args.gc and args.manifest is None:
+        raise UsageError("the following arguments are required: MANIFEST (see osbuild --help)")
+    return args
 
 
 def _fd(text):
@@ -190,8 +203,64 @@ def print_json(value, indent=None):
     sys.stdout.flush()
 
 
+def parse_cache_max_size(text):
+    """The value of --cache-max-size: bytes, None for unlimited; "keep" when not given."""
+    if text is None:
+        return "keep"
+    try:
+        return cache.parse_size(text)
+    except cache.SizeError as e:
+        raise UsageError(f"--cache-max-size: {e}") from None
+
+
+def store_limit(store, wanted):
+    """The store's limit: `wanted` (then saved) or the one it remembers."""
+    if wanted == "keep":
+        return cache.read_limit(store)
+    cache.save_limit(store, wanted)
+    return wanted
+
+
+def collect(store, limit, lease, quiet):
+    """After a build: record its use, then evict down to `limit` (warnings only)."""
+    lease.touch()
+    if limit is None:
+        return
+    try:
+        report = cache.shrink(store, limit, own_lease=lease)
+    except StoreError as e:
+        print(f"osbuild: warning: {e}", file=sys.stderr)
+        return
+    if report.over:
+        print(f"osbuild: warning: the store holds {cache.format_size(report.size)}, more than "
+              f"its limit of {cache.format_size(limit)}: what running builds (this one "
+              "included) use is kept", file=sys.stderr)
+    if not quiet and (report.objects or report.sources):
+        print(report.summary())
+
+
+def gc(args):
+    """--gc: shrink the store without building."""
+    wanted = parse_cache_max_size(args.cache_max_size)
+    if not os.path.isdir(args.store):
+        raise UsageError(f"store {args.store} does not exist")
+    store = ObjectStore(args.store)
+    limit = store_limit(store, wanted)
+    if limit is None and wanted == "keep":
+        raise UsageError("--gc needs --cache-max-size SIZE (the store has no saved limit)")
+    report = cache.shrink(store, limit)
+    if args.json:
+        print_json(dict(report.as_dict(), success=True))
+    else:
+        print(report.summary())
+    return 0
+
+
 def run(args, monitors):
     """Do what the command line asks; returns the exit status."""
+    if args.gc:
+        return gc(args)
+    max_size = parse_cache_max_size(args.cache_max_size)
     desc = read_json(args.manifest, "manifest")
     manifest = v1.load(desc, args.libdir, os.environ)
     for warning in manifest.warnings:
@@ -220,19 +289,25 @@ def run(args, monitors):
     max_processes = parse_max_processes(args.max_processes)
     remote = open_remote(args)
     store = ObjectStore(args.store)
-    ctx = BuildContext(store, libdir, sources, secrets, monitor=monitors,
-                       checkpoints=args.checkpoint, remote=remote,
-                       max_processes=max_processes)
-    monitors.begin(pipeline.steps_to_run(ctx))
-    result = pipeline.run(ctx, runner)
-    share(remote, store, pipeline, args.checkpoint, result)
-    copied = []
-    if result.success and args.output_directory and pipeline.output_id:
-        try:
-            copied = copy_output(store, pipeline.output_id, args.output_directory)
-        except OutputError as e:
-            print(f"osbuild: {e}", file=sys.stderr)
-            result.failed = True
+    limit = store_limit(store, max_size)
+    lease = cache.Lease(store, cache.pipeline_ids(pipeline), cache.checksums_in(desc, sources))
+    try:
+        ctx = BuildContext(store, libdir, sources, secrets, monitor=monitors,
+                           checkpoints=args.checkpoint, remote=remote,
+                           max_processes=max_processes)
+        monitors.begin(pipeline.steps_to_run(ctx))
+        result = pipeline.run(ctx, runner)
+        share(remote, store, pipeline, args.checkpoint, result)
+        copied = []
+        if result.success and args.output_directory and pipeline.output_id:
+            try:
+                copied = copy_output(store, pipeline.output_id, args.output_directory)
+            except OutputError as e:
+                print(f"osbuild: {e}", file=sys.stderr)
+                result.failed = True
+        collect(store, limit, lease, args.json or args.quiet)
+    finally:
+        lease.release()
     monitors.finish(result)
     if args.json:
         print_json(result.as_dict())
