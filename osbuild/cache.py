@@ -44,6 +44,7 @@ import time
 
 from osbuild.objectstore import StoreError
 from osbuild.sources import checksum_error
+from osbuild.util.fs import remove_tree_parallel
 from osbuild.util.workdir import WorkDir
 
 LEASE_PREFIX = "work-lease-"
@@ -413,8 +414,10 @@ def shrink(store, limit, own_lease=None):
             trash = _evict_locked(store, limit, report, own_lease)
     except OSError as e:
         raise StoreError(f"cannot shrink the store {store.path}: {e}") from None
-    if trash is not None:
-        trash.cleanup()  # the slow part, outside the commit lock
+    if trash is not None:  # the slow part, outside the commit lock
+        for name in os.listdir(trash.path):
+            remove_tree_parallel(os.path.join(trash.path, name))
+        trash.cleanup()
     return report
 
 

@@ -1,9 +1,11 @@
 """Copying and removing whole trees; the data regions of sparse files."""
 
+import collections
 import errno
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 
 def copy_tree(src, dst):
@@ -38,6 +40,54 @@ def remove_tree(path):
         pass  # nested deeper than Python's stack: rm below copes
     if os.path.lexists(path):
         subprocess.run(["rm", "-rf", "--one-file-system", "--", path], check=False)
+
+
+def _unlink_all(paths):
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass  # left to remove_tree
+
+
+def _rmdir_all(paths):
+    for path in paths:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass  # left to remove_tree
+
+
+def remove_tree_parallel(path, workers=8):
+    """Remove `path` like `remove_tree`, with several unlink(2)/rmdir(2) calls in flight.
+
+    On storage where each metadata update waits on the device, this is several
+    times faster for a tree of many files. Nothing is followed: symbolic
+    links are removed, not entered.
+    """
+    if not os.path.lexists(path):
+        return
+    files, dirs = [], collections.defaultdict(list)
+    try:
+        stack = [(path, 0)]
+        while stack:
+            directory, depth = stack.pop()
+            dirs[depth].append(directory)
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, depth + 1))
+                    else:
+                        files.append(entry.path)
+    except OSError:
+        pass  # whatever could not be listed is left to remove_tree
+    with ThreadPoolExecutor(workers) as pool:
+        chunk = 256
+        list(pool.map(_unlink_all, [files[i:i + chunk] for i in range(0, len(files), chunk)]))
+        for depth in sorted(dirs, reverse=True):  # deepest first: each level empties the next
+            level = dirs[depth]
+            list(pool.map(_rmdir_all, [level[i:i + 64] for i in range(0, len(level), 64)]))
+    remove_tree(path)  # what the fast path left (odd modes, races)
 
 
 def data_extents(fd, size):
