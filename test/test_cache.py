@@ -18,6 +18,7 @@ import pytest
 
 from conftest import run_osbuild
 from hygiene import check_store, no_leftovers_fixture  # pylint: disable=unused-import
+from test_sources import server_fixture, sha  # pylint: disable=unused-import
 
 from osbuild import cache
 from osbuild.manifest import load
@@ -211,6 +212,29 @@ def test_running_build_keeps_its_objects(tmp_path):
     assert proc.returncode == 0, err
     assert json.loads(out)["success"]
     assert tree_id(slow) in refs(store)
+    check_store(store)
+
+
+@pytest.mark.integration
+def test_source_files_count_in_real_builds(tmp_path, server):
+    """Downloaded files count: under 4.5 MiB, three builds of 1 MiB tree + 1 MiB download
+    each leave the two newest builds' trees and files; the oldest file is fetched again."""
+    store = str(tmp_path / "store")
+    blobs = {name: os.urandom(MIB) for name in "abc"}
+    urls = {name: {sha(blob): server.add(name, blob)} for name, blob in blobs.items()}
+    descs = {name: {"pipeline": {"stages": [{"name": "org.osbuild.files-test", "options": {
+        "checksums": list(urls[name]), "path": "/srv"}}]},
+        "sources": {"org.osbuild.files": {"urls": urls[name]}}} for name in "abc"}
+    for name in "abc":
+        res = build(tmp_path, store, descs[name], "--cache-max-size", "4.5MiB")
+        assert res.returncode == 0, res.stderr
+    cached = os.path.join(store, "sources", "org.osbuild.files")
+    assert sorted(os.listdir(cached)) == sorted([*urls["b"], *urls["c"]])
+    assert refs(store) == {tree_id(descs["b"]), tree_id(descs["c"])}
+    assert server.count("a") == 1
+    res = build(tmp_path, store, descs["a"])
+    assert res.returncode == 0 and server.count("a") == 2
+    assert sorted(os.listdir(cached)) == sorted([*urls["a"], *urls["c"]])
     check_store(store)
 
 
