@@ -40,6 +40,7 @@ import json
 import os
 import re
 import stat
+import subprocess
 import time
 
 from osbuild.objectstore import StoreError
@@ -106,6 +107,19 @@ def format_size(size):
 
 def disk_usage(path):
     """Allocated bytes of `path` and everything below it (hard links counted once)."""
+    try:
+        return _walk_usage(path)
+    except OSError:  # e.g. paths longer than PATH_MAX a stage made: du(1) copes
+        res = subprocess.run(["du", "-s", "-B1", "--", path], capture_output=True, text=True,
+                             check=False)
+        try:
+            return int(res.stdout.split()[0])
+        except (IndexError, ValueError):
+            raise OSError(f"cannot measure {path[:200]}: "
+                          f"{res.stderr.strip()[:200] or 'du failed'}") from None
+
+
+def _walk_usage(path):
     seen = set()
     total = os.lstat(path).st_blocks * 512
     stack = [path]
@@ -413,7 +427,8 @@ def shrink(store, limit, own_lease=None):
         with store._locked():  # pylint: disable=protected-access
             trash = _evict_locked(store, limit, report, own_lease)
     except OSError as e:
-        raise StoreError(f"cannot shrink the store {store.path}: {e}") from None
+        raise StoreError(f"cannot shrink the store {store.path}: "
+                         f"{e.strerror or e}") from None
     if trash is not None:  # the slow part, outside the commit lock
         for name in os.listdir(trash.path):
             remove_tree_parallel(os.path.join(trash.path, name))

@@ -238,6 +238,36 @@ def test_source_files_count_in_real_builds(tmp_path, server):
     check_store(store)
 
 
+@pytest.mark.integration
+def test_eviction_never_follows_a_trees_links(tmp_path):
+    """A stage's links to host paths (a directory, a file; hard links) are measured and
+    removed as links: eviction leaves what they point at alone. Paths longer than
+    PATH_MAX do not stop eviction."""
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "keep").write_bytes(os.urandom(MIB))
+    (tmp_path / "file").write_text("keep me")
+    script = (f"ln -s {victim} dirlink; ln -s {victim}/sub/keep filelink; ln -s {tmp_path}/file f; "
+              f"mkdir -p a/b; ln -s {victim}/sub a/b/sub; ln -s ../../.. a/b/up; "
+              "head -c 65536 /dev/urandom > data; ln data hard; "
+              # deeper than PATH_MAX (4096): measured and removed all the same
+              "python3 -c \"import os\nfor i in range(30):\n    os.mkdir('d' * 200); "
+              "os.chdir('d' * 200)\n\"")
+    desc = {"pipeline": {"stages": [{"name": "org.osbuild.script",
+                                     "options": {"chroot": False, "script": script}}]}}
+    store = str(tmp_path / "store")
+    assert build(tmp_path, store, desc).returncode == 0
+    obj = os.path.realpath(os.path.join(store, "refs", tree_id(desc)))
+    assert cache.object_size(ObjectStore(store), os.path.basename(obj)) < 512 * 1024
+    res = subprocess.run([sys.executable, "-m", "osbuild", "--store", store, "--gc",
+                          "--cache-max-size", "0"], cwd=REPO, capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert not os.path.exists(obj) and check_store(store) == ([], [])
+    assert len((victim / "sub" / "keep").read_bytes()) == MIB
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
 # --- SIGKILL during eviction ---------------------------------------------------
 
 def _shrink_and_die_at(store_path, step):
