@@ -27,10 +27,12 @@ on one clock, until the store fits; nothing a live lease names is touched,
 so the newest build's results stay even if alone they exceed the limit.
 Objects no ref points to (a build killed between rename and symlink) go
 first. Each object: its refs are removed first, then its directory is
-renamed into a locked work directory under `tmp/` and only then deleted
-(after the commit lock is released): a SIGKILL leaves either a complete
-object (with or without refs) or a leftover in `tmp/` that the next run
-removes; never a dangling ref or a half-deleted object under `objects/`.
+renamed into a locked work directory under `tmp/`; only after the commit
+lock is released is it deleted (several unlink(2) calls in flight) and are
+its `index/` and `sizes/` records (caches) removed. A SIGKILL leaves either
+a complete object (with or without refs) or a leftover in `tmp/` that the
+next run removes; never a dangling ref or a half-deleted object under
+`objects/`.
 """
 
 import contextlib
@@ -388,22 +390,27 @@ def _scan(store):
     return objects, dangling
 
 
-def _tidy(store, objects, keep_dirs):
-    """Remove records of objects that are gone (index, sizes) and, if `keep_dirs`
-    is false, empty subdirectories of the source caches."""
+def _tidy_records(store):
+    """Remove the index and size records of objects that are gone.
+
+    Outside the commit lock: both are caches, so a record a concurrent commit
+    just wrote for a re-added tree and this removes costs a re-hash, nothing more.
+    """
+    objects = set(os.listdir(store.objects))
     old = time.time() - 3600
     for directory in (store.index, _sizes_dir(store)):
         for name in os.listdir(directory):
             path = os.path.join(directory, name)
-            if name.startswith("."):  # a size being written (or a killed writer's)
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                if name.startswith("."):  # a size being written (or a killed writer's)
                     if os.lstat(path).st_mtime < old:
                         os.unlink(path)
-            elif name not in objects:
-                with contextlib.suppress(OSError):
+                elif name not in objects:
                     os.unlink(path)
-    if keep_dirs:
-        return
+
+
+def _tidy_dirs(store):
+    """Remove empty subdirectories (secret-<fp>/) of the source caches."""
     for cache in os.listdir(store.sources):
         top = os.path.join(store.sources, cache)
         with contextlib.suppress(OSError):
@@ -430,9 +437,13 @@ def shrink(store, limit, own_lease=None):
         raise StoreError(f"cannot shrink the store {store.path}: "
                          f"{e.strerror or e}") from None
     if trash is not None:  # the slow part, outside the commit lock
-        for name in os.listdir(trash.path):
-            remove_tree_parallel(os.path.join(trash.path, name))
+        remove_tree_parallel(trash.path)  # the directory too: its lock is still ours
         trash.cleanup()
+    try:
+        _tidy_records(store)
+    except OSError as e:
+        raise StoreError(f"cannot shrink the store {store.path}: "
+                         f"{e.strerror or e}") from None
     return report
 
 
@@ -474,7 +485,6 @@ def _evict_locked(store, limit, report, own_lease):
             if trash is None:
                 trash = WorkDir(store.tmp, TRASH_PREFIX)
             os.rename(os.path.join(store.objects, key), os.path.join(trash.path, key))
-            del objects[key]
             report.objects += 1
         else:
             try:
@@ -488,7 +498,6 @@ def _evict_locked(store, limit, report, own_lease):
         report.evicted.append((kind, key))
         report.size -= size
         report.freed += size
-    # records of evicted (and long gone) objects; empty secret-<fp>/ directories
-    # only when no other build could be about to fill one
-    _tidy(store, objects, keep_dirs=leases > (1 if own_lease is not None else 0))
+    if leases <= (1 if own_lease is not None else 0):
+        _tidy_dirs(store)  # only when no other build could be about to fill one
     return trash
