@@ -23,7 +23,7 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "osbuild":
 import argparse
 import json
 
-from osbuild import __version__
+from osbuild import __version__, metacache
 from osbuild import cache
 from osbuild import monitor
 from osbuild.buildroot import DEFAULT_MAX_PROCESSES, BuildRootError
@@ -262,6 +262,7 @@ def run(args, monitors):
         return gc(args)
     max_size = parse_cache_max_size(args.cache_max_size)
     desc = read_json(args.manifest, "manifest")
+    metacache.use_store(args.store)
     manifest = v1.load(desc, args.libdir, os.environ)
     for warning in manifest.warnings:
         print(f"osbuild: warning: {warning}", file=sys.stderr)
@@ -289,6 +290,7 @@ def run(args, monitors):
     max_processes = parse_max_processes(args.max_processes)
     remote = open_remote(args)
     store = ObjectStore(args.store)
+    metacache.save()
     limit = store_limit(store, max_size)
     lease = cache.Lease(store, cache.pipeline_ids(pipeline), cache.checksums_in(desc, sources))
     try:

@@ -3,16 +3,18 @@
 A program's STAGE_DESC, STAGE_INFO, STAGE_OPTS, STAGE_NETWORK and
 STAGE_SECRETS are read from its source with `ast`, without running it, once
 per process and libdir: `index(libdir)` is the one `Index` that the
-manifest check, the sources check and the pipeline ask.
+manifest check, the sources check and the pipeline ask. Across processes,
+what was read and which options validated are remembered by file identity
+(osbuild.metacache), so a rebuild of the same manifest imports neither `ast`
+nor jsonschema.
 """
 
-import ast
 import functools
 import json
 import os
 import re
 
-import jsonschema
+from osbuild import metacache
 
 KINDS = ("stages", "assemblers", "sources", "runners")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -46,7 +48,7 @@ def program_path(libdir, kind, name):
     return path
 
 
-def _string_assignment(node):
+def _string_assignment(node, ast):
     """(name, value) for `STAGE_xxx = "text"` (or `= True/False`) at module level, else None."""
     if not isinstance(node, ast.Assign) or len(node.targets) != 1:
         return None
@@ -99,6 +101,8 @@ class ProgramInfo:
 
     def __init__(self, kind, name, desc, info, opts, network=False, secrets=False):
         # pylint: disable=too-many-arguments,too-many-positional-arguments
+        # the identity of the file it was read from (osbuild.metacache), if known
+        self.identity = None
         self.kind = kind
         self.name = name
         self.desc = desc
@@ -119,14 +123,24 @@ class ProgramInfo:
 
     @classmethod
     def load(cls, libdir, kind, name):
-        """Read the info of `<libdir>/<kind>/<name>`."""
+        """Read the info of `<libdir>/<kind>/<name>` (or take it from the cache)."""
         path = program_path(libdir, kind, name)
+        cache = metacache.active()
         try:
-            with open(path, encoding="utf-8") as f:
-                tree = ast.parse(f.read(), filename=path)
+            with open(path, "rb") as f:
+                ident = metacache.identity(os.fstat(f.fileno()), os.path.abspath(path))
+                values = cache.program(ident)
+                if values is None:
+                    values = _declarations(f.read().decode("utf-8"), path)
+                    cache.add_program(ident, values)
         except (OSError, SyntaxError, ValueError) as e:
             raise ValidationError(f"cannot read {kind}/{name}: {e}") from None
-        values = dict(filter(None, map(_string_assignment, tree.body)))
+        info = cls._from_values(kind, name, values)
+        info.identity = ident
+        return info
+
+    @classmethod
+    def _from_values(cls, kind, name, values):
         opts_text = values.get("STAGE_OPTS", "")
         opts_text = opts_text.strip() if isinstance(opts_text, str) else ""
         try:
@@ -145,7 +159,15 @@ class ProgramInfo:
                    network == "host", secrets)
 
     def validate(self, options, where):
-        """Raise ValidationError naming `where` if `options` break the schema."""
+        """Raise ValidationError naming `where` if `options` break the schema.
+
+        Options that validated against this very program file before are
+        not checked again (and jsonschema is not even imported).
+        """
+        key = metacache.validation_key(self.identity, options) if self.identity else None
+        if key and metacache.active().is_valid(key):
+            return
+        import jsonschema  # pylint: disable=import-outside-toplevel
         try:
             validator = jsonschema.Draft7Validator(self.schema)
             errors = sorted(validator.iter_errors(options), key=lambda e: list(e.absolute_path))
@@ -154,6 +176,15 @@ class ProgramInfo:
                 from None
         if errors:
             raise ValidationError(format_error(errors[0], where))
+        if key:
+            metacache.active().add_valid(key)
+
+
+def _declarations(source, path):
+    """{STAGE_xxx: value} of the module-level string/bool assignments in `source`."""
+    import ast  # pylint: disable=import-outside-toplevel
+    tree = ast.parse(source, filename=path)
+    return dict(filter(None, (_string_assignment(node, ast) for node in tree.body)))
 
 
 def format_error(error, where):

@@ -23,7 +23,6 @@ is unusable (unreachable, bad credentials, no bucket) prints one warning and
 switches the remote off for the rest of the run.
 """
 
-import concurrent.futures
 import hashlib
 import json
 import os
@@ -391,6 +390,8 @@ class Remote:
             except _Unusable as e:
                 self._disable(e)
                 return False
+        # imported here: a build without --remote does not pay for it at start-up
+        import concurrent.futures  # pylint: disable=import-outside-toplevel
         with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
             return [i for i, ok in zip(items, pool.map(guarded, items)) if ok]
 

@@ -11,8 +11,7 @@ import json
 import os
 import re
 
-import jsonschema
-
+from osbuild import metacache
 from osbuild.meta import ValidationError
 from osbuild.util import nesting
 
@@ -41,6 +40,7 @@ def find_schema(libdir=None):
 
 @functools.lru_cache(maxsize=None)
 def _load(path):
+    import jsonschema  # pylint: disable=import-outside-toplevel
     try:
         with open(path, encoding="utf-8") as f:
             schema = json.load(f)
@@ -94,6 +94,7 @@ def _first_error(errors):
 def _check(instance, schema, where):
     # jsonschema recurses per level: bound the depth first (a clear error, no RecursionError).
     nesting.check(instance, where or "manifest")
+    import jsonschema  # pylint: disable=import-outside-toplevel
     validator = jsonschema.Draft7Validator(schema)
     error = _first_error(list(validator.iter_errors(instance)))
     if error is not None:
@@ -101,8 +102,20 @@ def _check(instance, schema, where):
 
 
 def check_manifest(desc, libdir=None):
-    """Raise ValidationError naming the offending place if `desc` is not a manifest."""
+    """Raise ValidationError naming the offending place if `desc` is not a manifest.
+
+    A manifest that fitted this very schema file before is not checked again
+    (osbuild.metacache).
+    """
+    path = find_schema(libdir)
+    nesting.check(desc, "manifest")   # before anything that recurses per level
+    ident = metacache.file_identity(path) if path else None
+    key = metacache.validation_key(["manifest", ident], desc) if ident else None
+    if key and metacache.active().is_valid(key):
+        return
     _check(desc, load_schema(libdir), "")
+    if key:
+        metacache.active().add_valid(key)
 
 
 def check_pipeline(desc, where, libdir=None):
