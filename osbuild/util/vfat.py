@@ -19,7 +19,7 @@ from osbuild.util import fsimage
 
 def _mtools(argv, image):
     fsimage.run([argv[0], "-i", image, *argv[1:]], stdin=subprocess.DEVNULL,
-                env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+                env=dict(fsimage.build_env(), MTOOLS_SKIP_CHECK="1"))
 
 
 def plan(src, warn):
