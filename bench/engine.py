@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Engine benchmark: cold and warm build of a sample, and the fixed cost of one stage.
 
-Usage: bench/engine.py [--stages N]   (as root, from the checkout)
+The warm rebuild (nothing changed) is compared with starting the same
+Python and parsing the manifest (`python3 -c` + json.load): the goal is at
+most 1.3 times that. Timed figures are the best of --repeat runs.
+
+Usage: bench/engine.py [--stages N] [--repeat N]   (as root, from the checkout)
 """
 
 import argparse
@@ -27,30 +31,53 @@ def osbuild(manifest, store):
     return elapsed, json.loads(proc.stdout)
 
 
+def best(repeat, fn):
+    """The fastest of `repeat` calls of `fn` (which returns seconds)."""
+    return min(fn() for _ in range(repeat))
+
+
+def python_and_parse(manifest):
+    """Seconds to start this Python and parse `manifest` as JSON."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import json, sys\n"
+                    "with open(sys.argv[1], encoding='utf-8') as f: json.load(f)", manifest],
+                   check=True)
+    return time.monotonic() - start
+
+
 def main():
     """Print the figures."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--stages", type=int, default=10, help="noop stages for the overhead run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per timed figure (best)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="osbuild-bench-") as tmp:
         sample = os.path.join(REPO, "samples", "script-tar.json")
         cold, res = osbuild(sample, os.path.join(tmp, "store"))
         warm, res2 = osbuild(sample, os.path.join(tmp, "store"))
         assert res2["stages"] == [] and "assembler" not in res2
+        warm = min(warm, best(args.repeat - 1, lambda: osbuild(sample,
+                                                              os.path.join(tmp, "store"))[0])) \
+            if args.repeat > 1 else warm
+        base = best(args.repeat, lambda: python_and_parse(sample))
         print(f"samples/script-tar.json: cold {cold:.2f} s ({len(res['stages'])} stages + "
-              f"assembler), warm {warm:.2f} s (nothing run)")
+              f"assembler), warm {warm:.3f} s (nothing run)")
+        print(f"python3 start-up + JSON parse of the manifest: {base:.3f} s; warm rebuild / that: "
+              f"{warm / base:.2f} (goal <= 1.3)")
         empty = os.path.join(tmp, "empty.json")
         with open(empty, "w", encoding="utf-8") as f:
             json.dump({"stages": [{"name": "org.osbuild.noop", "options": {"i": 0}}]}, f)
-        one, _ = osbuild(empty, os.path.join(tmp, "store1"))
+        one = best(args.repeat,
+                   lambda: osbuild(empty, os.path.join(tmp, f"store1-{time.monotonic()}"))[0])
         many = os.path.join(tmp, "many.json")
         with open(many, "w", encoding="utf-8") as f:
             json.dump({"stages": [{"name": "org.osbuild.noop", "options": {"i": i}}
                                   for i in range(args.stages + 1)]}, f)
-        total, _ = osbuild(many, os.path.join(tmp, "store2"))
+        total = best(args.repeat,
+                     lambda: osbuild(many, os.path.join(tmp, f"store2-{time.monotonic()}"))[0])
         per_stage = (total - one) / args.stages
         print(f"fixed cost of one stage (container start + API + runner): {per_stage:.3f} s "
-              f"(1 stage {one:.2f} s, {args.stages + 1} stages {total:.2f} s)")
+              f"(goal <= 0.1; 1 stage {one:.2f} s, {args.stages + 1} stages {total:.2f} s)")
 
 
 if __name__ == "__main__":
