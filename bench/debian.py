@@ -259,7 +259,13 @@ def report(fig):
               f"(its depsolve {recipe['depsolve']:.2f} s not counted)"
               + (f"; floors: {', '.join(f'{t:.1f}' for t in fig['recipe_all'])}"
                  if fig["repeat"] > 1 else ""))
-        print(f"  cold build / floor: {fig['cold'] / recipe['floor']:.2f} (target <= 1.3)")
+        print(f"  cold build / floor: {fig['cold'] / recipe['floor']:.2f} (goal <= 0.7)")
+    print(f"  last config stage changed / cold build: {fig['last_stage'] / fig['cold']:.3f} "
+          "(goal <= 0.1)")
+    print(f"  warm rebuild / cold build: {fig['warm'] / fig['cold']:.4f} (goal <= 0.01)")
+    if fig["maxrss"]:
+        print(f"  peak RSS of osbuild's largest process: {fig['maxrss'] / 2**20:.0f} MiB "
+              "(goal < 150 MiB)")
 
 
 def main():
