@@ -15,6 +15,8 @@ import struct
 import subprocess
 import tempfile
 
+from osbuild import reproducible
+
 # tar options that keep owners, modes, xattrs, ACLs and SELinux labels
 TAR_KEEP = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--selinux"]
 
@@ -106,16 +108,6 @@ def copy_sparse(src_fd, dst_fd, offset, size):
                 raise OSError(errno.EIO, "short copy while writing a filesystem into the image")
             start += copied
         pos = end
-
-
-# The build's timestamp without SOURCE_DATE_EPOCH: 2020-01-01T00:00:00Z
-DEFAULT_EPOCH = 1577836800
-
-
-def source_epoch():
-    """The build's timestamp (SOURCE_DATE_EPOCH as osbuild hands it to programs)."""
-    value = os.environ.get("SOURCE_DATE_EPOCH", "")
-    return int(value) if value.isascii() and value.isdigit() else DEFAULT_EPOCH
 
 
 # Names debugfs(8) can take between double quotes: printable, no quote, no backslash.
@@ -287,7 +279,7 @@ def mkfs_ext4_from(argv, src, image_fd, part, tmpdir, commands=()):
     """
     # pylint: disable=too-many-arguments,too-many-positional-arguments
     offset, size = part
-    epoch = source_epoch()
+    epoch = reproducible.epoch()
     uuid = argv[argv.index("-U") + 1]
 
     def finish(fd, path):
@@ -312,7 +304,7 @@ def mkfs_ext4_from(argv, src, image_fd, part, tmpdir, commands=()):
 
 def build_env():
     """The environment for filesystem tools: their clock is the build's timestamp."""
-    epoch = str(source_epoch())
+    epoch = str(reproducible.epoch())
     return dict(os.environ, E2FSPROGS_FAKE_TIME=epoch, SOURCE_DATE_EPOCH=epoch)
 
 
