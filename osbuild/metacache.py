@@ -78,6 +78,10 @@ class Cache:
     def _read(self):
         try:
             with open(self.path, encoding="utf-8") as f:
+                # only a file that nobody but this user could have written
+                if not all(_private(st) for st in (os.fstat(f.fileno()),
+                                                   os.stat(os.path.dirname(self.path)))):
+                    return
                 data = json.load(f)
         except (OSError, ValueError):
             return
@@ -137,6 +141,11 @@ class Cache:
                     os.unlink(f.name)
                     raise
             self.dirty = False
+
+
+def _private(st):
+    """Whether the file of `st` belongs to this user and only this user may write it."""
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 _ACTIVE = [Cache()]

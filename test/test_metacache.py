@@ -144,3 +144,17 @@ def test_key_covers_the_value_exactly():
     assert metacache.validation_key(ident, {"a": 1, "b": 2}) == \
         metacache.validation_key(ident, {"b": 2, "a": 1})
     assert metacache.validation_key(ident, 1) != metacache.validation_key(ident[:5] + [6], 1)
+
+
+def test_cache_others_could_write_is_ignored(libdir, tmp_path):
+    """A cache file (or directory) that another user could have written is not trusted."""
+    store = str(tmp_path / "store")
+    assert check(libdir, store, hostname_manifest("one"), tmp_path)["error"] is None
+    path = os.path.join(store, "cache", "meta.json")
+    os.chmod(path, 0o666)
+    assert check(libdir, store, hostname_manifest("one"), tmp_path)["jsonschema"] is True
+    os.chmod(path, 0o600)
+    os.chmod(os.path.dirname(path), 0o777)
+    assert check(libdir, store, hostname_manifest("one"), tmp_path)["jsonschema"] is True
+    os.chmod(os.path.dirname(path), 0o700)
+    assert check(libdir, store, hostname_manifest("one"), tmp_path)["jsonschema"] is False
