@@ -38,7 +38,7 @@ import uuid
 from typing import NamedTuple
 
 import osbuild
-from osbuild import etctemplate
+from osbuild import emulation, etctemplate
 from osbuild.api import OsbuildAPI
 from osbuild.layout import CONTAINER, HOST_RUNTIME_DIR
 from osbuild.remoteloop import LoopServer
@@ -245,8 +245,9 @@ class BuildRoot(contextlib.AbstractContextManager):
         return records
 
     def _nspawn_argv(self, api_dir, private, etc_writable, binds, ro_binds, network,
-                     mounts=None):
-        """systemd-nspawn's command line for one container (see `binds()`)."""
+                     mounts=None, extra=()):
+        """systemd-nspawn's command line for one container (see `binds()`), with
+        the Bind records `extra` last."""
         # pylint: disable=too-many-arguments,too-many-positional-arguments
         argv = [
             "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2",
@@ -266,7 +267,7 @@ class BuildRoot(contextlib.AbstractContextManager):
         if not network:
             argv.append("--private-network")
         mounts = mounts or idmap.MountTable()
-        for bind in self.binds(api_dir, private, etc_writable, binds, ro_binds):
+        for bind in [*self.binds(api_dir, private, etc_writable, binds, ro_binds), *extra]:
             argv.append(bind.option(mounts))
         return argv
 
@@ -280,14 +281,15 @@ class BuildRoot(contextlib.AbstractContextManager):
         return workdir
 
     def run(self, kind, name, args, binds=(), ro_binds=(), apis=(), monitor=None,
-            network=False, on_phase=None):
+            network=False, on_phase=None, emulate=None):
         """Run the program `<libdir>/<kind>/<name>` with JSON `args` on stdin.
 
         `binds`/`ro_binds` are (host path, container path) pairs; `apis` are
         BaseAPI servers to expose next to the osbuild API; `monitor` is called
         with each chunk of output as it arrives; `network` shares the host's
         network instead of a private one with only loopback; `on_phase` is
-        called with each phase the program reports (see api.OsbuildAPI).
+        called with each phase the program reports (see api.OsbuildAPI); `emulate` names
+        an architecture whose binaries the program runs (osbuild/emulation.py).
         """
         # pylint: disable=too-many-arguments,too-many-positional-arguments
         setup_output = ""
@@ -300,13 +302,19 @@ class BuildRoot(contextlib.AbstractContextManager):
                 if monitor is not None:
                     monitor(msg.encode())
                 return RunResult(self._setup.returncode, setup_output + msg)
-        res = self._container([CONTAINER.program(kind, name)], binds, ro_binds, args,
-                              apis, monitor, network, on_phase)
+        try:   # host files, read-only, not idmapped
+            emulator, runner_args = emulation.container_setup(emulate)
+        except emulation.EmulationError as e:
+            raise BuildRootError(str(e)) from e
+        extra = [Bind(src, dst, readonly=True, idmap=NO_IDMAP, recursive=False)
+                 for src, dst in emulator]
+        res = self._container([*runner_args, CONTAINER.program(kind, name)], binds, ro_binds,
+                              args, apis, monitor, network, on_phase, extra)
         res.output = setup_output + res.output
         return res
 
     def _container(self, program, binds, ro_binds, args, apis, monitor, network,
-                   on_phase=None):
+                   on_phase=None, extra=()):
         """Start the runner with `program` as its arguments in a container with
         the `apis` and, unless `args` is None (the runner's set-up, which alone
         gets /etc writable), the osbuild API handing out `args`."""
@@ -321,7 +329,7 @@ class BuildRoot(contextlib.AbstractContextManager):
             stack.callback(api_workdir.cleanup)
             # the container must not outlive us, nor nspawn (see util/lifetime.py)
             argv = contained(self._nspawn_argv(api_workdir.path, private.path, args is None,
-                                               binds, ro_binds, network) +
+                                               binds, ro_binds, network, extra=extra) +
                              [CONTAINER.program("runners", self.runner), *program])
             limit = None
             if self.max_processes:

@@ -53,6 +53,11 @@ class ContainerLayout(NamedTuple):
         """Where the host creates loop device nodes for the assembler."""
         return os.path.join(self.root, "dev")
 
+    @property
+    def emulator(self):
+        """qemu's user-mode emulators of the host (read-only; osbuild/emulation.py)."""
+        return os.path.join(self.root, "emulator")
+
     def socket(self, endpoint):
         """The path of an API endpoint's socket."""
         return os.path.join(self.api, endpoint)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 
+from osbuild import emulation as emulation_mod
 from osbuild import metacache
 
 KINDS = ("stages", "assemblers", "sources", "runners")
@@ -55,7 +56,7 @@ def _string_assignment(node, ast):
     target, value = node.targets[0], node.value
     if isinstance(target, ast.Name) and \
             target.id in ("STAGE_DESC", "STAGE_INFO", "STAGE_OPTS", "STAGE_NETWORK",
-                          "STAGE_SECRETS") \
+                          "STAGE_SECRETS", "STAGE_EMULATION") \
             and isinstance(value, ast.Constant) and isinstance(value.value, (str, bool)):
         return target.id, value.value
     return None
@@ -96,10 +97,17 @@ def receives_secrets(libdir, kind, name):
     return index(libdir).get(kind, name).secrets
 
 
+@functools.lru_cache(maxsize=256)
+def emulates(libdir, kind, name):
+    """Whether the program declares STAGE_EMULATION = True (read once per process)."""
+    return ProgramInfo.load(libdir, kind, name).emulation
+
+
 class ProgramInfo:
     """The declared description and option schema of one program."""
 
-    def __init__(self, kind, name, desc, info, opts, network=False, secrets=False):
+    def __init__(self, kind, name, desc, info, opts, network=False, secrets=False,
+                 emulation=False):
         # pylint: disable=too-many-arguments,too-many-positional-arguments
         # the identity of the file it was read from (osbuild.metacache), if known
         self.identity = None
@@ -114,6 +122,9 @@ class ProgramInfo:
         # STAGE_SECRETS = True: the sources API hands the program the secrets
         # (as memfds) that its repositories need; all others never get them.
         self.secrets = secrets
+        # STAGE_EMULATION = True: the option `emulation` names an architecture
+        # whose binaries run under qemu's user-mode emulator (osbuild/emulation.py).
+        self.emulation = emulation
 
     @property
     def schema(self):
@@ -154,9 +165,12 @@ class ProgramInfo:
         secrets = values.get("STAGE_SECRETS", False)
         if not isinstance(secrets, bool):
             raise ValidationError(f"{kind}/{name}: STAGE_SECRETS must be True or False")
+        emulation = values.get("STAGE_EMULATION", False)
+        if not isinstance(emulation, bool):
+            raise ValidationError(f"{kind}/{name}: STAGE_EMULATION must be True or False")
         texts = {k: v.strip() if isinstance(v, str) else "" for k, v in values.items()}
         return cls(kind, name, texts.get("STAGE_DESC", ""), texts.get("STAGE_INFO", ""), opts,
-                   network == "host", secrets)
+                   network == "host", secrets, emulation)
 
     def validate(self, options, where):
         """Raise ValidationError naming `where` if `options` break the schema.
@@ -164,6 +178,13 @@ class ProgramInfo:
         Options that validated against this very program file before are
         not checked again (and jsonschema is not even imported).
         """
+        if self.emulation and isinstance(options, dict) and "emulation" in options:
+            # osbuild's own check, whatever the program's schema allows (and every
+            # time: whether this host can emulate is not a property of the file)
+            try:
+                emulation_mod.check(options["emulation"])
+            except emulation_mod.EmulationError as e:
+                raise ValidationError(f"{where}.emulation: {e}") from None
         key = metacache.validation_key(self.identity, options) if self.identity else None
         if key and metacache.active().is_valid(key):
             return

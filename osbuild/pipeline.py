@@ -7,7 +7,7 @@ import time
 
 from osbuild.buildroot import BuildRoot, DEFAULT_MAX_PROCESSES
 from osbuild.layout import CONTAINER
-from osbuild.meta import receives_secrets, uses_host_network
+from osbuild.meta import emulates, receives_secrets, uses_host_network
 from osbuild.monitor import Monitor
 from osbuild.objectstore import Object
 from osbuild.reproducible import DEFAULT_EPOCH, clamp_mtimes
@@ -145,11 +145,14 @@ class Stage:
             args = {"tree": CONTAINER.tree, "sources": CONTAINER.sources,
                     "options": self.options}
             network = uses_host_network(ctx.libdir, self.kind, self.name)
+            emulate = self.options.get("emulation") \
+                if emulates(ctx.libdir, self.kind, self.name) else None
             return buildroot.run(self.kind, self.name, args,
                                  binds=[(tree, CONTAINER.tree)],
                                  ro_binds=[(sources_dir, CONTAINER.sources)],
                                  apis=[server], monitor=ctx.monitor.log, network=network,
-                                 on_phase=lambda name: ctx.monitor.phase(self, name))
+                                 on_phase=lambda name: ctx.monitor.phase(self, name),
+                                 emulate=emulate)
         finally:
             sources_workdir.cleanup()
 

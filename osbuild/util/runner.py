@@ -5,7 +5,8 @@ starts the runner once with `--setup`, with /etc writable: the runner then
 does the distribution's set-up (ldconfig, sysusers, CA trust) and exits.
 Every program is started later with its path as the argument, /etc
 read-only: the runner connects stdio to the host through the osbuild API
-and executes it.
+and executes it. `--emulate ARCH` before the program registers qemu's
+user-mode emulator for ARCH first (see osbuild/emulation.py).
 """
 
 import os
@@ -60,11 +61,20 @@ def main(setup):
 
 
 def run(argv, setup):
-    """`--setup`: run `setup` and exit; else set up stdio and exec `argv`."""
+    """`--setup`: run `setup` and exit; else set up stdio and exec `argv`
+    (after registering the emulator when it starts with `--emulate ARCH`)."""
     if argv == ["--setup"]:
         setup()
         sys.exit(0)
     api.setup_stdio()
+    if argv[:1] == ["--emulate"]:
+        from osbuild import emulation  # pylint: disable=import-outside-toplevel
+        try:
+            emulation.register(argv[1] if len(argv) > 1 else None)
+        except emulation.EmulationError as e:
+            print(f"osbuild: {e}", file=sys.stderr)
+            sys.exit(1)
+        argv = argv[2:]
     if not argv:
         print("runner: no program given", file=sys.stderr)
         sys.exit(2)
