@@ -17,8 +17,14 @@ test/debian_samples.py):
     the same initramfs setting: fetch + install + image, its floor.
 and finally a table of cold / warm / last-stage figures side by side.
 
+`--arch arm64` measures samples/debian13-arm64-qcow2.json instead, built on
+this host with its dpkg stage under qemu's user-mode emulation: the cold build
+with its phases and the warm rebuild (the checkpoint rebuild, a second cold
+build, is left out there: it would double a long run).
+
 Usage (root, from the checkout):
-    python3 bench/debian.py [--manifest FILE]... [--repeat N] [--skip-recipe] [--json FILE]
+    python3 bench/debian.py [--manifest FILE]... [--arch arm64] [--repeat N] [--skip-recipe]
+                            [--json FILE]
 """
 
 import argparse
@@ -38,6 +44,7 @@ SAMPLES = ["debian13-qcow2.json", "debian12-qcow2.json"]
 sys.path.insert(0, os.path.join(REPO, "test"))
 
 import debian_samples  # noqa: E402  pylint: disable=wrong-import-position,import-error
+ARCH_SAMPLES = {"arm64": ["debian13-arm64-qcow2.json"]}
 RECIPE = os.path.join(os.path.dirname(REPO), "shared", "reference", "debian12-bootable-recipe.sh")
 HEADER = re.compile(r"^(org\.osbuild\.[A-Za-z0-9._-]+): ([0-9a-f]{64}) \{")
 DPKG_STEP = re.compile(r"^org\.osbuild\.dpkg: (sources ready|\d+ base packages extracted|"
@@ -173,11 +180,12 @@ def run_recipe(workdir, fast_initrd):
     return times
 
 
-def measure(manifest, workdir, skip_recipe, repeat=1):
+def measure(manifest, workdir, skip_recipe, repeat=1, checkpoint=True):
     """Run all builds; returns the figures.
 
     With `repeat` > 1 the cold build and the recipe run that many times,
     interleaved, and the fastest of each is reported (the machine is shared).
+    Without `checkpoint` the checkpoint and last-stage rebuilds are left out.
     """
     store = os.path.join(workdir, "store")
     store2 = os.path.join(workdir, "store-checkpoint")
@@ -198,20 +206,24 @@ def measure(manifest, workdir, skip_recipe, repeat=1):
             recipes.append(run_recipe(workdir, fast))
     cold = min(colds, key=lambda r: r["total"])
     warm = run_osbuild(manifest, store, workdir, "warm")
-    # The engine keeps only the final tree (and checkpoints): to rebuild from
-    # the stage before the last one, a second cold build checkpoints it.
-    subprocess.run(["rm", "-rf", store2], check=True)
-    cold_cp = run_osbuild(manifest, store2, workdir, "cold-checkpoint",
-                          ["--checkpoint", stage_ids(manifest)[-2]])
-    last_change = run_osbuild(changed, store2, workdir, "last-stage")
+    cold_cp = last_change = None
+    if checkpoint:
+        # The engine keeps only the final tree (and checkpoints): to rebuild from
+        # the stage before the last one, a second cold build checkpoints it.
+        subprocess.run(["rm", "-rf", store2], check=True)
+        cold_cp = run_osbuild(manifest, store2, workdir, "cold-checkpoint",
+                              ["--checkpoint", stage_ids(manifest)[-2]])
+        last_change = run_osbuild(changed, store2, workdir, "last-stage")
     subprocess.run(["rm", "-rf", store, store2], check=False)
     stage_phases, dpkg_steps = phases(cold)
     recipes = [r for r in recipes if r]
     return {"packages": len(dpkg_opts["packages"]), "fast_initrd": fast,
             "load": os.getloadavg()[0], "repeat": repeat,
             "cold": cold["total"], "cold_all": [r["total"] for r in colds],
-            "warm": warm["total"], "cold_checkpoint": cold_cp["total"],
-            "last_stage": last_change["total"], "last_stage_phases": phases(last_change)[0],
+            "warm": warm["total"],
+            "cold_checkpoint": cold_cp["total"] if cold_cp else None,
+            "last_stage": last_change["total"] if last_change else None,
+            "last_stage_phases": phases(last_change)[0] if last_change else [],
             "phases": stage_phases, "dpkg_steps": dpkg_steps,
             "maxrss": max(r["maxrss"] or 0 for r in colds),
             "mem_growth": max(r["mem_growth"] for r in colds),
@@ -220,8 +232,9 @@ def measure(manifest, workdir, skip_recipe, repeat=1):
 
 
 def label_of(manifest_path):
-    """A short name for a manifest: `debian13` for samples/debian13-qcow2.json."""
-    return os.path.basename(manifest_path).split("-", 1)[0].removesuffix(".json")
+    """A short name for a manifest: `debian13` for samples/debian13-qcow2.json,
+    `debian13-arm64` for samples/debian13-arm64-qcow2.json."""
+    return os.path.basename(manifest_path).removesuffix(".json").removesuffix("-qcow2")
 
 
 def report(fig):
@@ -233,10 +246,11 @@ def report(fig):
           + (f" (fastest of {', '.join(f'{t:.1f}' for t in fig['cold_all'])})"
              if fig["repeat"] > 1 else ""))
     print(f"  warm rebuild (nothing changed):               {fig['warm']:7.2f} s")
-    print(f"  cold build, --checkpoint before last stage:   {fig['cold_checkpoint']:7.2f} s")
-    ran = ", ".join(f"{name} {secs:.2f} s" for name, secs in fig["last_stage_phases"])
-    print(f"  rebuild, last config stage changed:           {fig['last_stage']:7.2f} s "
-          f"({ran or 'nothing ran'})")
+    if fig["cold_checkpoint"] is not None:
+        print(f"  cold build, --checkpoint before last stage:   {fig['cold_checkpoint']:7.2f} s")
+        ran = ", ".join(f"{name} {secs:.2f} s" for name, secs in fig["last_stage_phases"])
+        print(f"  rebuild, last config stage changed:           {fig['last_stage']:7.2f} s "
+              f"({ran or 'nothing ran'})")
     print("  phases of the cold build (from log timestamps; a stage's time includes committing "
           "the tree after the last stage):")
     for name, secs in fig["phases"]:
@@ -281,13 +295,17 @@ def main():
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run the cold build and the recipe N times (interleaved) and "
                              "report the fastest of each")
+    parser.add_argument("--arch", choices=sorted(ARCH_SAMPLES),
+                        help="measure the sample of this foreign architecture (built under "
+                             "emulation) instead of the amd64 ones")
     parser.add_argument("--json", help="also write the figures as JSON to this file")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/debian.py must run as root (nspawn, loop devices)")
     workdir = args.workdir or tempfile.mkdtemp(prefix="osbuild-bench-debian-", dir="/var/tmp")
     all_figures = {}
-    for path in args.manifest or [debian_samples.manifest_path(name) for name in SAMPLES]:
+    for path in args.manifest or [debian_samples.manifest_path(name)
+                                  for name in ARCH_SAMPLES.get(args.arch, SAMPLES)]:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
         label = label_of(path)
@@ -295,7 +313,8 @@ def main():
         os.makedirs(sub, exist_ok=True)
         # the reference recipe installs bookworm: compare it with Debian 12 only
         skip_recipe = args.skip_recipe or label != "debian12"
-        figures = measure(manifest, sub, skip_recipe, max(1, args.repeat))
+        figures = measure(manifest, sub, skip_recipe, max(1, args.repeat),
+                          checkpoint=args.arch is None)
         figures["label"] = label
         report(figures)
         print(f"  logs: {sub}")
@@ -303,7 +322,8 @@ def main():
     print("\nside by side (seconds):  " + "".join(f"{label:>12s}" for label in all_figures))
     for key, name in (("cold", "cold build"), ("warm", "warm rebuild"),
                       ("last_stage", "last stage changed")):
-        print(f"  {name:22s}" + "".join(f"{fig[key]:12.2f}" for fig in all_figures.values()))
+        print(f"  {name:22s}" + "".join(f"{fig[key]:12.2f}" if fig[key] is not None
+                                        else f"{'-':>12s}" for fig in all_figures.values()))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(all_figures, f, indent=2)

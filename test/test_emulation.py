@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from conftest import REPO, requires_root, run_osbuild
+from conftest import REPO, import_program, requires_root, run_osbuild
 from osbuild import emulation
 from osbuild.layout import CONTAINER
 
@@ -245,3 +245,14 @@ def test_registration_line_is_fixed():
     assert aarch64_elf()[:20] == bytes(a & b for a, b in zip(aarch64_elf()[:20], arch.mask))
     assert emulation.is_native("aarch64", "aarch64")
     assert not emulation.is_native("aarch64", "x86_64")
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="an x86_64 host")
+def test_dpkg_stage_names_the_missing_option():
+    """arm64 packages without `emulation`: the dpkg stage fails at once, saying what to set."""
+    dpkg = import_program(os.path.join(REPO, "stages", "org.osbuild.dpkg"), "dpkg_stage_emu")
+    with pytest.raises(dpkg.ProgramError, match='arm64, which this x86_64 build root cannot run: '
+                                              'set "emulation": "aarch64"'):
+        dpkg.check_architecture("arm64", {})
+    dpkg.check_architecture("arm64", {"emulation": "aarch64"})
+    dpkg.check_architecture("amd64", {})
