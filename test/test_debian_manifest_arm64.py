@@ -65,3 +65,16 @@ def test_arm64_sample_is_generated():
     assert sample["pipeline"]["stages"][1:] == fresh["pipeline"]["stages"][1:]
     assert sample["pipeline"]["assembler"] == fresh["pipeline"]["assembler"]
     validate(sample)
+
+
+def test_build_image_prints_the_aavmf_command():
+    """tools/build-image boots an arm64 image on qemu-system-aarch64 -M virt with AAVMF."""
+    from conftest import import_program  # pylint: disable=import-outside-toplevel
+    build_image = import_program(os.path.join(REPO, "tools", "build-image"), "build_image_arm")
+    with open(SAMPLE, encoding="utf-8") as f:
+        options = json.load(f)["pipeline"]["assembler"]["options"]
+    [(firmware, command)] = build_image.boot_commands(options, "/o/disk.qcow2", "aa64")
+    assert firmware == "UEFI (arm64)"
+    assert command.startswith("cp /usr/share/AAVMF/AAVMF_VARS.fd /o/AAVMF_VARS.fd && "
+                              "qemu-system-aarch64 -M virt ")
+    assert "file=/usr/share/AAVMF/AAVMF_CODE.fd" in command and "if=virtio" in command
