@@ -1,5 +1,8 @@
 """Boot a built image in qemu (TCG) under BIOS, UEFI or Secure Boot and read its report.
 
+Firmware "aavmf" boots an arm64 image on qemu-system-aarch64's `virt` machine
+with AAVMF (package qemu-efi-aarch64).
+
 The image gets one extra stage (`report_stage`): a systemd unit that, once
 the system is up, writes what the tests check to a virtio serial port (a
 file on the host) and powers the machine off.
@@ -16,13 +19,17 @@ import pytest
 PORT = "org.osbuild.report"
 BOOT_TIMEOUT = int(os.environ.get("OSBUILD_TEST_BOOT_TIMEOUT", "600"))
 OVMF = "/usr/share/OVMF"
+AAVMF = "/usr/share/AAVMF"
 # firmware -> (code, vars template, extra qemu arguments)
 FIRMWARE = {
     "uefi": ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", ["-machine", "q35"]),
     "secureboot": ("OVMF_CODE_4M.secboot.fd", "OVMF_VARS_4M.ms.fd",
                    ["-machine", "q35,smm=on",
                     "-global", "driver=cfi.pflash01,property=secure,value=on"]),
+    "aavmf": ("AAVMF_CODE.fd", "AAVMF_VARS.fd", ["-machine", "virt", "-cpu", "cortex-a72"]),
 }
+# firmware -> (directory of its files, qemu program)
+FIRMWARE_HOST = {"aavmf": (AAVMF, "qemu-system-aarch64")}
 EFIVARS = "/sys/firmware/efi/efivars"
 SECURE_BOOT_VAR = f"{EFIVARS}/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 
@@ -53,6 +60,7 @@ done
   echo "OSBUILD-REPORT-BEGIN"
   echo "hostname=$(cat /etc/hostname)"
   echo "kernel=$(uname -r)"
+  echo "machine=$(uname -m)"
   echo "root=$(findmnt -no SOURCE,FSTYPE /)"
   echo "esp=$(findmnt -no SOURCE,FSTYPE /boot/efi)"
   echo "cmdline=$(cat /proc/cmdline)"
@@ -116,7 +124,9 @@ def have_firmware(firmware):
     if firmware == "bios":
         return True
     code, template, _ = FIRMWARE[firmware]
-    return all(os.path.isfile(os.path.join(OVMF, f)) for f in (code, template))
+    directory, program = FIRMWARE_HOST.get(firmware, (OVMF, "qemu-system-x86_64"))
+    return shutil.which(program) is not None and \
+        all(os.path.isfile(os.path.join(directory, f)) for f in (code, template))
 
 
 def firmware_args(firmware, workdir):
@@ -124,10 +134,11 @@ def firmware_args(firmware, workdir):
     if firmware == "bios":
         return []
     code, template, extra = FIRMWARE[firmware]
+    directory = FIRMWARE_HOST.get(firmware, (OVMF,))[0]
     varstore = os.path.join(workdir, f"vars-{firmware}.fd")
-    shutil.copyfile(os.path.join(OVMF, template), varstore)    # a fresh copy per boot
+    shutil.copyfile(os.path.join(directory, template), varstore)    # a fresh copy per boot
     return extra + [
-        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={os.path.join(OVMF, code)}",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={os.path.join(directory, code)}",
         "-drive", f"if=pflash,format=raw,unit=1,file={varstore}"]
 
 
@@ -139,7 +150,8 @@ def boot(image, workdir, firmware="bios", timeout=BOOT_TIMEOUT):
     for path in (console, report):
         if os.path.exists(path):
             os.unlink(path)
-    cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "1",
+    program = FIRMWARE_HOST.get(firmware, (None, "qemu-system-x86_64"))[1]
+    cmd = [program, "-accel", "tcg", "-m", "1024", "-smp", "1",
            *firmware_args(firmware, workdir),
            "-display", "none", "-monitor", "none", "-no-reboot",
            "-serial", f"file:{console}",
