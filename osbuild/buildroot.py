@@ -288,8 +288,9 @@ class BuildRoot(contextlib.AbstractContextManager):
         BaseAPI servers to expose next to the osbuild API; `monitor` is called
         with each chunk of output as it arrives; `network` shares the host's
         network instead of a private one with only loopback; `on_phase` is
-        called with each phase the program reports (see api.OsbuildAPI); `emulate` names
-        an architecture whose binaries the program runs (osbuild/emulation.py).
+        called with each phase the program reports (see api.OsbuildAPI);
+        `emulate` names an architecture whose binaries the program runs
+        (osbuild/emulation.py).
         """
         # pylint: disable=too-many-arguments,too-many-positional-arguments
         setup_output = ""

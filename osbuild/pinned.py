@@ -169,6 +169,10 @@ def generator_args(manifest):
     if not suites:
         raise ResolveError(f"its {PACKAGE_STAGE} stage names no apt_sources suite")
     args = ["--suite", suites[0]]
+    arches = {urllib.parse.unquote(url).rsplit("_", 1)[-1].removesuffix(".deb")
+              for url in source_urls(manifest).values()} - {"all"}
+    if len(arches) == 1 and arches != {"amd64"}:
+        args += ["--arch", arches.pop()]
     asm = ((manifest.get("pipeline") or {}).get("assembler") or {}).get("options") or {}
     if asm.get("pttype") == "mbr":
         args += ["--boot", "bios"]
