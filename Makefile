@@ -12,7 +12,7 @@
 #                 (RPMBUILD_DIR, rpmbuild's _topdir, defaults to ./rpmbuild)
 #   make srpm     the source RPM into $(RPMBUILD_DIR)/SRPMS/
 #   make test     the test suite (python3 -m pytest)
-#   make lint     pylint on the osbuild package
+#   make lint     pylint (tools/lint) on the osbuild package, the programs, tools and tests
 #   make clean    remove $(BUILDDIR) and $(RPMBUILD_DIR)
 #   make version  print the version (defined in osbuild/version.py only)
 
@@ -80,7 +80,7 @@ test:
 	$(PYTHON3) -m pytest
 
 lint:
-	$(PYTHON3) -m pylint osbuild
+	$(PYTHON3) tools/lint
 
 clean:
 	rm -rf $(BUILDDIR) $(RPMBUILD_DIR)

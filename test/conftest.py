@@ -54,7 +54,8 @@ def run_osbuild(manifest, store, *args, json_output=True, stdin=None, check=Fals
                           timeout=timeout, check=False, env=env)
     res = OsbuildResult(proc.returncode, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
-        raise AssertionError(f"osbuild failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"osbuild failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n"
+                             f"{proc.stderr[-5000:]}")
     return res
 
 

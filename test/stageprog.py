@@ -8,6 +8,16 @@ from osbuild import meta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = "/usr/bin/python3"   # what the build root runs programs with
+KERNEL = "6.1.0-13-amd64"
+# A build-root script stage that makes a tree with a Debian-style kernel, initrd and os-release.
+FAKE_DEBIAN = {"name": "org.osbuild.script", "options": {"chroot": False, "script": (
+    "mkdir -p boot etc usr/lib\n"
+    f"echo kernel > boot/vmlinuz-{KERNEL}\n"
+    f"echo initrd > boot/initrd.img-{KERNEL}\n"
+    f"ln -s boot/vmlinuz-{KERNEL} vmlinuz\n"
+    f"ln -s boot/initrd.img-{KERNEL} initrd.img\n"
+    "echo 'PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"' > usr/lib/os-release\n"
+    "ln -s ../usr/lib/os-release etc/os-release\n")}}
 
 
 def run_stage(name, tree, options, sources="/nonexistent", env=None):

@@ -24,7 +24,7 @@ from hygiene import leftovers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = "org.osbuild.files"
-MiB = 1 << 20
+MiB = 1 << 20  # pylint: disable=invalid-name  # the unit's name
 
 pytestmark = pytest.mark.integration
 

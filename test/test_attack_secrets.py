@@ -437,7 +437,8 @@ def test_earlier_stage_cannot_plant_code_for_dnf(tmp_path, entitled):
     root of its own)."""
     repo, secrets, marker = entitled
     store = tmp_path / "store"
-    plant = {"name": "org.osbuild.script", "options": {"chroot": False, "script": textwrap.dedent(f"""\
+    plant = {"name": "org.osbuild.script", "options": {
+        "chroot": False, "script": textwrap.dedent(f"""\
         for d in /etc/python3*/ /root/.local/lib/python3.11/site-packages/; do
           mkdir -p "$d" || true
           cat > "$d/sitecustomize.py" <<'EOF' || echo "refused: $d"

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -23,6 +22,7 @@ from osbuild.objectstore import ObjectStore
 from osbuild.output import copy_output
 
 from hygiene import check_store, no_leftovers_fixture  # pylint: disable=unused-import
+from osbuildproc import finish, start
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -34,22 +34,7 @@ def osbuild(store, desc, *extra, umask=None):
     path = os.path.join(os.path.dirname(str(store)), f"manifest-{time.monotonic_ns()}.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(desc, f)
-    cmd = [sys.executable, "-m", "osbuild", "--libdir", REPO, "--store", str(store), "--json",
-           *extra, path]
-    preexec = (lambda: os.umask(umask)) if umask is not None else None
-    # pylint: disable-next=subprocess-popen-preexec-fn
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=preexec)
-
-
-def finish(proc, timeout=600):
-    """(exit status, JSON result or None, stderr) of a started osbuild."""
-    stdout, stderr = proc.communicate(timeout=timeout)
-    try:
-        result = json.loads(stdout)
-    except ValueError:
-        result = None
-    return proc.returncode, result, stderr
+    return start(store, path, *extra, umask=umask)
 
 
 def build(store, desc, *extra, **kw):
@@ -246,7 +231,8 @@ def test_output_directory_on_a_full_disk(tmp_path, full_fs):
     assert status == 1
     assert result is not None and result["success"] is False, result
     lines = stderr.strip().splitlines()
-    assert lines == [f"osbuild: cannot write output {out}/tree.tar: No space left on device"], stderr
+    assert lines == [f"osbuild: cannot write output {out}/tree.tar: "
+                     "No space left on device"], stderr
     assert os.listdir(out) == ["tree.tar"]
     assert (out / "tree.tar").read_text() == "the previous image"
     objects, refs = check_store(store)

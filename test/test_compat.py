@@ -332,6 +332,7 @@ def test_sigint_at_any_moment_exits_130_with_one_line(tmp_path):
             cmd = [sys.executable, "-m", "osbuild", "--libdir", REPO,
                    "--store", str(tmp_path / "store")] + (["--json"] if as_json else []) + \
                 [str(manifest)]
+            # pylint: disable-next=consider-using-with  # killed and waited for below
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
             time.sleep(delay)

@@ -19,14 +19,13 @@ import pytest
 
 import rpmrepo
 from conftest import REPO, run_osbuild
-from stageprog import fails, schema_error
+from stageprog import FAKE_DEBIAN, fails, schema_error
 from test_stages_config import DebianBuilds
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 pytestmark = [pytest.mark.integration, needs_root]
 
 ROOT_UUID = "76a22bf4-f153-4541-b6c7-0332c0dfaeac"
-KERNEL = "6.1.0-13-amd64"
 PEM = "-----BEGIN CERTIFICATE-----\nMIIBcompat\nsslverify=0\n-----END CERTIFICATE-----\n"
 KEY_PEM = "-----BEGIN PRIVATE KEY-----\nMIIEcompat\n-----END PRIVATE KEY-----\n"
 
@@ -215,14 +214,6 @@ def test_qemu_raw_xz(store, tmp_path):
 
 # --------------------------------------------------------------- grub2 kernel_opts
 
-FAKE_DEBIAN = script(
-    "mkdir -p boot etc usr/lib\n"
-    f"echo kernel > boot/vmlinuz-{KERNEL}\n"
-    f"echo initrd > boot/initrd.img-{KERNEL}\n"
-    f"ln -s boot/vmlinuz-{KERNEL} vmlinuz\n"
-    f"ln -s boot/initrd.img-{KERNEL} initrd.img\n"
-    "echo 'PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"' > usr/lib/os-release\n"
-    "ln -s ../usr/lib/os-release etc/os-release\n")
 QUOTED = 'ro console=ttyS0 foo="a b" "menuentry evil" x=""'
 
 

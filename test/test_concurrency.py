@@ -9,8 +9,6 @@ and builds really run in parallel (no global lock).
 import json
 import multiprocessing
 import os
-import subprocess
-import sys
 import time
 import uuid
 
@@ -21,26 +19,14 @@ from osbuild.objectstore import ObjectStore
 from osbuild.treesum import treesum
 
 from hygiene import check_store, leftovers, no_leftovers_fixture  # pylint: disable=unused-import
+from osbuildproc import finish, start
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def osbuild_popen(store, manifest_path, *extra):
     """Start osbuild from this checkout with --json."""
-    cmd = [sys.executable, "-m", "osbuild", "--libdir", REPO, "--store", str(store), "--json",
-           *extra, str(manifest_path)]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def finish(proc, timeout=600):
-    """Wait for a started osbuild; returns (status, result, stderr)."""
-    stdout, stderr = proc.communicate(timeout=timeout)
-    try:
-        result = json.loads(stdout)
-    except ValueError:
-        result = None
-    return proc.returncode, result, stderr
+    return start(store, manifest_path, *extra)
 
 
 def write(path, desc):
@@ -64,7 +50,8 @@ def common_stages(token):
     """Stages every manifest of the overlap test shares."""
     return [{"name": "org.osbuild.noop", "options": {"token": token}},
             {"name": "org.osbuild.script",
-             "options": {"chroot": False, "script": f": {token}; mkdir -p etc; echo shared > etc/shared; "
+             "options": {"chroot": False,
+                         "script": f": {token}; mkdir -p etc; echo shared > etc/shared; "
                                    "i=0; while [ $i -lt 200 ]; do echo $i > etc/f$i; "
                                    "i=$((i+1)); done"}}]
 
@@ -106,7 +93,8 @@ def test_starting_build_keeps_live_workdirs(tmp_path):
     store = tmp_path / "store"
     slow = write(tmp_path / "slow.json", {"pipeline": {"stages": [
         {"name": "org.osbuild.script",
-         "options": {"chroot": False, "script": f": {token}; echo slow > slow; touch started; sleep 4; "
+         "options": {"chroot": False,
+                     "script": f": {token}; echo slow > slow; touch started; sleep 4; "
                                "rm started; cat slow > copy"}}]}})
     quick = write(tmp_path / "quick.json", {"pipeline": {"stages": [
         {"name": "org.osbuild.noop", "options": {"token": token}}]}})
@@ -146,7 +134,8 @@ def test_builds_run_in_parallel(tmp_path):
     for i in range(2):
         path = write(tmp_path / f"p{i}.json", {"pipeline": {"stages": [
             {"name": "org.osbuild.script",
-             "options": {"chroot": False, "script": f": {token} {i}; touch started; sleep 3; rm started"}}]}})
+             "options": {"chroot": False,
+                         "script": f": {token} {i}; touch started; sleep 3; rm started"}}]}})
         procs.append(osbuild_popen(store, path))
     both = False
     try:

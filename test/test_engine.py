@@ -233,7 +233,7 @@ def test_store_is_a_file(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-def test_unwritable_store(tmp_path, store):
+def test_unwritable_store(store):
     run_osbuild(SIMPLE, store, check=True)
     before = store_state(store)
     subprocess.run(["mount", "--bind", "-o", "ro", str(store), str(store)], check=True)
@@ -251,6 +251,7 @@ def test_unwritable_store(tmp_path, store):
 def test_ctrl_c_during_stage(store, tmp_path):
     path = tmp_path / "m.json"
     path.write_text(json.dumps({"stages": [script("echo started; sleep 60")]}))
+    # pylint: disable-next=consider-using-with  # interrupted and waited for below
     proc = subprocess.Popen([sys.executable, "-m", "osbuild", "--libdir", REPO, "--store",
                              str(store), str(path)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

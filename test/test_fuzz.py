@@ -70,7 +70,7 @@ def deep(draw, inner=json_values):
 
 
 @st.composite
-def stage_desc(draw, pool=CHEAP_STAGES):
+def stage_desc(draw, pool=tuple(CHEAP_STAGES)):
     """A stage description that is often, but not always, valid."""
     name = draw(st.one_of(st.sampled_from(pool), names))
     options = draw(st.one_of(

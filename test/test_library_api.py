@@ -99,7 +99,8 @@ def test_load_refuses_what_the_cli_refuses():
     with pytest.raises(ValidationError, match=r"^stages\[0\]: Additional properties are not "
                                               r"allowed \('nme' was unexpected\)"):
         osbuild.load({"stages": [{"nme": "x"}]}, {})
-    with pytest.raises(ValidationError, match=r"stages\[0\]\.options\.x: a string containing a NUL"):
+    with pytest.raises(ValidationError,
+                       match=r"stages\[0\]\.options\.x: a string containing a NUL"):
         osbuild.load({"stages": [{"name": "org.osbuild.noop", "options": {"x": "a\0"}}]}, {})
     with pytest.raises(ValidationError, match=r"stages\[0\]\.options\.x: nan is not allowed"):
         osbuild.load({"stages": [{"name": "org.osbuild.noop", "options": {"x": float("nan")}}]},
@@ -183,9 +184,9 @@ def test_objectstore_snapshot(tmp_path):
 def test_objectstore_commit(tmp_path):
     store = objectstore.ObjectStore(tmp_path)
     with objectstore.Object(store) as obj:
-        Path(obj.write(), "C").write_text("c")
+        Path(obj.write(), "C").write_text("c", encoding="utf-8")
         store.commit(obj, "my-tree.v1")
-    assert Path(store.refs, "my-tree.v1", "C").read_text() == "c"
+    assert Path(store.refs, "my-tree.v1", "C").read_text(encoding="utf-8") == "c"
 
 
 @pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "../a", "/abs", "a\0b", "a\nb", "\x7f",
@@ -230,7 +231,7 @@ def test_sources_server_in_the_original_shape(tmp_path):
         assert os.path.exists(address)
         directory = osbuild.sources.get("org.osbuild.echo", [checksum], api_path=address,
                                         sources_dir=str(tmp_path / "output"))
-        assert Path(directory, checksum).read_text() == "hello"
+        assert Path(directory, checksum).read_text(encoding="utf-8") == "hello"
         with pytest.raises(RuntimeError, match="unknown source 'org.osbuild.nope'"):
             osbuild.sources.get("org.osbuild.nope", [checksum], api_path=address)
     # the modern shape is unchanged

@@ -243,7 +243,7 @@ def test_remoteloop_stop_detaches_leftovers(image, tmp_path, server):
     assert os.listdir(devdir) == []
 
 
-def test_remoteloop_errors(image, tmp_path, server):
+def test_remoteloop_errors(image, server):
     """Bad requests get an error reply, not a dead server."""
     _, path = server
     fd = os.open(image, os.O_RDWR)

@@ -16,11 +16,13 @@ DIRS = ("objects", "refs", "tmp", "sources", "index")
 
 
 def write(path, data):
+    """Write the text `data` to `path`."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(data)
 
 
 def mode(path):
+    """The permission bits of `path` (not following a link)."""
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 

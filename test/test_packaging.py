@@ -17,7 +17,8 @@ LIB_KINDS = ("stages", "assemblers", "sources", "runners")
 SAMPLE = {
     "pipeline": {
         "stages": [{"name": "org.osbuild.script",
-                    "options": {"chroot": False, "script": "mkdir -p etc; echo installed > etc/motd; "
+                    "options": {"chroot": False,
+                                "script": "mkdir -p etc; echo installed > etc/motd; "
                                           "python3 -c 'import osbuild.api'"}}],
         "assembler": {"name": "org.osbuild.noop", "options": {"sample": True}},
     }
@@ -389,7 +390,8 @@ def test_installed_osbuild_runs_sample_with_default_libdir(scratch_root, tmp_pat
     assert inspected["pipeline"]["output_id"] == result["output_id"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"pipeline": {"stages": [{"name": "org.osbuild.script",
-                                                        "options": {"chroot": False, "script": 1}}]}}))
+                                                        "options": {"chroot": False,
+                                                                    "script": 1}}]}}))
     res = in_installed_system(scratch_root, ["osbuild", "--store", str(store), str(bad)],
                               tmp_path)
     assert res.returncode == 1

@@ -1,4 +1,4 @@
-"""The programs' library (osbuild/programs): tree-safe paths, atomic writes, checksums, entry points."""
+"""The programs' library (osbuild/programs): tree paths, atomic writes, checksums, entry points."""
 
 import hashlib
 import json
@@ -70,6 +70,16 @@ def test_chase_loops_are_an_error(tree):
     os.symlink("self2/x", tree / "etc/self2")
     with pytest.raises(ProgramError):
         chase(str(tree), "/etc/self2")
+
+
+def test_chase_follows_at_most_the_kernels_number_of_links(tree):
+    # l0 -> l1 -> ... -> l40 -> file: 40 links resolve, 41 are too many (ELOOP)
+    (tree / "etc/file").write_text("")
+    for i in range(41):
+        os.symlink(f"l{i + 1}" if i < 40 else "file", tree / f"etc/l{i}")
+    assert chase(str(tree), "/etc/l1") == "/etc/file"
+    with pytest.raises(ProgramError, match="Too many levels"):
+        chase(str(tree), "/etc/l0")
 
 
 def test_chase_missing_components_are_kept(tree):

@@ -132,6 +132,7 @@ def test_sigkill_osbuild(tmp_path, reference, moment):
     ids = stage_ids(crash_manifest(token, sleep=0))
     # checkpoints make the build commit three times, so kills can land near commits
     argv = osbuild_cmd(store, path, "--checkpoint", ids[0], "--checkpoint", ids[1])
+    # pylint: disable-next=consider-using-with  # killed and waited for below
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     start = time.monotonic()
     try:
@@ -160,6 +161,7 @@ def test_next_run_removes_stale_workdirs(tmp_path, reference):
     token, _ = reference
     store = tmp_path / "store"
     path = write_manifest(tmp_path / "manifest.json", crash_manifest(token, sleep=30))
+    # pylint: disable-next=consider-using-with  # killed and waited for below
     proc = subprocess.Popen(osbuild_cmd(store, path), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -215,7 +217,8 @@ def test_sigkill_stage(tmp_path):
     """A stage killed by SIGKILL fails the build cleanly; a fixed manifest then builds."""
     token = f"stage-{uuid.uuid4().hex}"
     store = tmp_path / "store"
-    stages = [{"name": "org.osbuild.script", "options": {"chroot": False, "script": f": {token}; echo one > one"}},
+    stages = [{"name": "org.osbuild.script", "options": {"chroot": False,
+                                                         "script": f": {token}; echo one > one"}},
               {"name": "org.osbuild.script",
                "options": {"chroot": False, "script": f": {token}; echo two > two; kill -KILL $$"}}]
     path = write_manifest(tmp_path / "manifest.json", {"pipeline": {"stages": stages}})
@@ -276,6 +279,7 @@ def test_sigkill_container(tmp_path, victim):
     script = f": {token}; touch started; sleep 60"
     path = write_manifest(tmp_path / "manifest.json", {"pipeline": {"stages": [
         {"name": "org.osbuild.script", "options": {"chroot": False, "script": script}}]}})
+    # pylint: disable-next=consider-using-with  # killed and waited for below
     proc = subprocess.Popen(osbuild_cmd(store, path), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -325,6 +329,7 @@ def test_sigkill_while_loop_device_attached(tmp_path):
         "stages": [{"name": "org.osbuild.script", "options": {"chroot": False, "script": fill}}],
         "assembler": {"name": "org.osbuild.qemu",
                       "options": dict(QEMU_OPTIONS, filename=f"{token}.img")}}})
+    # pylint: disable-next=consider-using-with  # killed and waited for below
     proc = subprocess.Popen(osbuild_cmd(store, path), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     seen = False
@@ -421,7 +426,7 @@ def test_interrupted_workdir_creation_leaves_nothing(tmp_path, monkeypatch):
     from osbuild.util import workdir  # pylint: disable=import-outside-toplevel
     calls = []
 
-    def interrupted_flock(fd, op):
+    def interrupted_flock(_fd, op):
         calls.append(op)
         raise KeyboardInterrupt
 
@@ -446,12 +451,14 @@ def test_sigkill_while_the_host_fills_an_image(tmp_path):
     token = f"populate{uuid.uuid4().hex[:12]}"
     store = tmp_path / "store"
     stages = [{"name": "org.osbuild.script", "options": {
-        "chroot": False, "script": f"mkdir -p boot/grub && head -c 400M /dev/urandom > blob  # {token}"}}]
+        "chroot": False,
+        "script": f"mkdir -p boot/grub && head -c 400M /dev/urandom > blob  # {token}"}}]
     desc = {"pipeline": {"stages": stages, "assembler": {"name": "org.osbuild.qemu", "options": {
         "format": "raw", "filename": f"{token}.img", "size": 1 << 30,
         "root_fs_uuid": "6e4ff95f-f662-45ee-a82a-bdf44a2d0b75", "bootloader": {"type": "none"}}}}}
     path = write_manifest(tmp_path / "manifest.json", desc)
     argv = [a for a in osbuild_cmd(store, path) if a != "--json"]
+    # pylint: disable-next=consider-using-with  # killed and waited for below
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     seen = []

@@ -84,6 +84,7 @@ BAD_NAMES = ["../../bin/sh", "/bin/sh", "org..osbuild", ".hidden", "a/b", ""]
 
 @pytest.fixture(name="schema")
 def schema_fixture():
+    """The manifest JSON schema."""
     with open(SCHEMA_PATH, encoding="utf-8") as f:
         return json.load(f)
 

@@ -231,6 +231,7 @@ def test_killed_during_download(tmp_path, victims):
         "ssl_client_cert": secret_pem(token, "CERTIFICATE"),
         "ssl_client_key": secret_pem(token, "PRIVATE KEY")}}))
     store = tmp_path / "store"
+    # pylint: disable-next=consider-using-with  # interrupted and waited for below
     proc = subprocess.Popen([sys.executable, "-m", "osbuild", "--libdir", REPO, "--store",
                              str(store), "--json", "--secrets", str(secrets_path),
                              str(tmp_path / "manifest.json")], cwd=REPO,

@@ -229,7 +229,8 @@ def test_files_parallel_many(server, tmp_path):
         data = f"file number {i}\n".encode() * (i + 1)
         urls[sha(data)] = server.add(f"p{i}", data)
     start = time.monotonic()
-    rc, reply, _, err = run_source(FILES, {"urls": urls}, list(urls), tmp_path / "c", tmp_path / "o",
+    rc, reply, _, err = run_source(FILES, {"urls": urls}, list(urls), tmp_path / "c",
+                                   tmp_path / "o",
                                    env={"OSBUILD_SOURCES_MAX_PARALLEL": "8"})
     elapsed = time.monotonic() - start
     assert (rc, reply) == (0, {}), err
@@ -246,7 +247,8 @@ def test_files_transient_failure_retried(server, tmp_path):
     checksum = sha(data)
     urls = {checksum: server.add("flaky", data)}
     server.fail_times["/flaky"] = 1
-    rc, reply, _, err = run_source(FILES, {"urls": urls}, [checksum], tmp_path / "c", tmp_path / "o")
+    rc, reply, _, err = run_source(FILES, {"urls": urls}, [checksum], tmp_path / "c",
+                                   tmp_path / "o")
     assert (rc, reply) == (0, {}), err
     assert server.count("flaky") == 2
 
@@ -268,7 +270,8 @@ def test_files_unknown_checksum(server, tmp_path):
     known = sha(b"a")
     unknown = sha(b"b")
     urls = {known: server.add("a", b"a")}
-    rc, reply, _, _ = run_source(FILES, {"urls": urls}, [known, unknown], tmp_path / "c", tmp_path / "o")
+    rc, reply, _, _ = run_source(FILES, {"urls": urls}, [known, unknown], tmp_path / "c",
+                                 tmp_path / "o")
     assert rc == 1
     assert reply["error"].startswith(f"unknown checksum {unknown}")
     assert server.count("a") == 0
@@ -303,7 +306,8 @@ def test_files_404(server, tmp_path):
     """A missing URL fails (not retried) and nothing enters the cache."""
     checksum = sha(b"gone")
     url = f"{server.base}/gone"
-    rc, reply, _, _ = run_source(FILES, {"urls": {checksum: url}}, [checksum], tmp_path / "c", tmp_path / "o")
+    rc, reply, _, _ = run_source(FILES, {"urls": {checksum: url}}, [checksum], tmp_path / "c",
+                                 tmp_path / "o")
     assert rc == 1
     assert f"{checksum}: {url}: HTTP error 404" in reply["error"]
     assert server.count("gone") == 1
@@ -315,7 +319,8 @@ def test_files_connection_refused(tmp_path):
     """A refused connection fails with curl's reason."""
     checksum = sha(b"x")
     url = "http://127.0.0.1:1/x"
-    rc, reply, _, _ = run_source(FILES, {"urls": {checksum: url}}, [checksum], tmp_path / "c", tmp_path / "o")
+    rc, reply, _, _ = run_source(FILES, {"urls": {checksum: url}}, [checksum], tmp_path / "c",
+                                 tmp_path / "o")
     assert rc == 1
     assert url in reply["error"]
     assert "connect" in reply["error"].lower()
@@ -352,7 +357,8 @@ def test_files_partial_failure_keeps_good_ones(server, tmp_path):
     ({"urls": {"CS": {"href": "x"}}}, "unknown key(s) href"),
     ({"urls": {"CS": "gopher://x/y"}}, "unsupported URL"),
     ({"urls": {"CS": "http://x/\ny"}}, "invalid character"),
-    ({"urls": {"CS": {"url": "http://x/", "secrets": "rhsm"}}}, "must be an object with a string 'name'"),
+    ({"urls": {"CS": {"url": "http://x/", "secrets": "rhsm"}}},
+     "must be an object with a string 'name'"),
 ])
 def test_files_bad_options(tmp_path, options, message):
     """Bad option shapes give one-line errors."""
@@ -380,12 +386,14 @@ def test_files_url_with_quotes_is_escaped(server, tmp_path):
     checksum = sha(data)
     server.files['/a"b\\c'] = data
     url = f'{server.base}/a"b\\c'
-    rc, reply, _, err = run_source(FILES, {"urls": {checksum: url}}, [checksum], tmp_path / "c", tmp_path / "o")
+    rc, reply, _, err = run_source(FILES, {"urls": {checksum: url}}, [checksum], tmp_path / "c",
+                                   tmp_path / "o")
     # curl may normalise the path; what matters is no config injection and a clean result
     assert rc in (0, 1), err
     assert isinstance(reply, dict)
     evil = f'{server.base}/x"\noutput = "/tmp/pwned'
-    rc, reply, _, _ = run_source(FILES, {"urls": {checksum: evil}}, [checksum], tmp_path / "c2", tmp_path / "o2")
+    rc, reply, _, _ = run_source(FILES, {"urls": {checksum: evil}}, [checksum], tmp_path / "c2",
+                                 tmp_path / "o2")
     assert rc == 1 and "invalid character" in reply["error"]
     assert not os.path.exists("/tmp/pwned")
 
@@ -421,7 +429,8 @@ def test_files_client_certificate_secret_paths(tls_server, pki, tmp_path):
     # FILES is on the source program's argv: a positive control for the scan
     tls_server.markers = [str(pki / "client.key"), str(pki / "client.crt"), FILES]
     urls = {checksum: {"url": url, "secrets": {"name": "org.osbuild.rhsm"}}}
-    rc, reply, out, err = run_source(FILES, {"urls": urls}, [checksum], tmp_path / "c", tmp_path / "o",
+    rc, reply, out, err = run_source(FILES, {"urls": urls}, [checksum], tmp_path / "c",
+                                     tmp_path / "o",
                                      secrets=secrets)
     assert (rc, reply) == (0, {}), err
     assert (tmp_path / "o" / checksum).read_bytes() == data
@@ -482,7 +491,8 @@ def test_dnf_repo_config(tmp_path):
     repos = {cs1: {"baseurl": "http://127.0.0.1/repo", "gpgkey": "-----BEGIN PGP...",
                    "sslverify": False},
              cs2: {"metalink": "https://example/metalink?repo=x"}}
-    rc, reply, _, err = run_source(DNF, {"repos": repos}, [cs1, cs2], tmp_path / "c", tmp_path / "o")
+    rc, reply, _, err = run_source(DNF, {"repos": repos}, [cs1, cs2], tmp_path / "c",
+                                   tmp_path / "o")
     assert (rc, reply) == (0, {}), err
     assert json.loads((tmp_path / "o" / cs1).read_text()) == dict(repos[cs1], checksum=cs1)
     assert json.loads((tmp_path / "o" / cs2).read_text()) == dict(repos[cs2], checksum=cs2)
@@ -517,7 +527,8 @@ def test_dnf_bad_input(tmp_path, repos, checksum, message):
     cs = sha(b"repomd")
     repos = json.loads(json.dumps(repos).replace('"CS"', f'"{cs}"'))
     checksum = cs if checksum == "CS" else checksum
-    rc, reply, _, err = run_source(DNF, {"repos": repos}, [checksum], tmp_path / "c", tmp_path / "o")
+    rc, reply, _, err = run_source(DNF, {"repos": repos}, [checksum], tmp_path / "c",
+                                   tmp_path / "o")
     assert rc == 1, err
     assert message in reply["error"]
 
@@ -674,7 +685,8 @@ def test_api_symlinked_source_refused(api):
 ])
 def test_api_bad_checksums(api, checksums, message):
     """The server checks checksums before running anything."""
-    a = api({}, {"org.test.marker": "import pathlib; pathlib.Path('/tmp/should-not-run').touch()\n"})
+    a = api({},
+            {"org.test.marker": "import pathlib; pathlib.Path('/tmp/should-not-run').touch()\n"})
     reply = a.call({"source": "org.test.marker", "checksums": checksums})
     assert message in reply["error"]
     assert not os.path.exists("/tmp/should-not-run")
@@ -701,7 +713,8 @@ def test_api_errors_never_contain_secrets(api, tls_server, pki):
     assert secret_value not in str(exc.value)
     assert "bad ***" in str(exc.value)
     # a single line of a multi-line secret is scrubbed too
-    pem = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n"
+    pem = ("-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n"
+           "-----END PRIVATE KEY-----\n")
     program = ("import json, sys\nargs = json.load(sys.stdin)\n"
                "line = args['secrets']['k']['ssl_client_key'].splitlines()[1]\n"
                "print(json.dumps({'error': 'curl said ' + line}))\n")
@@ -815,7 +828,8 @@ def test_files_bad_parallel_setting(server, tmp_path):
     assert "OSBUILD_SOURCES_MAX_PARALLEL" in reply["error"]
 
 
-@pytest.mark.skipif(not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev,
+@pytest.mark.skipif(not os.path.isdir("/dev/shm")
+                    or os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev,
                     reason="needs /dev/shm on another filesystem")
 def test_files_output_on_other_filesystem(server, tmp_path):
     """When output and cache are on different filesystems the file is copied."""

@@ -13,11 +13,10 @@ import subprocess
 
 import pytest
 
-from stageprog import REPO, fails, ok, schema_error
+from stageprog import FAKE_DEBIAN, KERNEL, REPO, fails, ok, schema_error
 
 ROOT_UUID = "6a1b0c3e-2f4d-4e5a-9b8c-0d1e2f3a4b5c"
 BOOT_UUID = "08a41983-3328-4d1a-ae3c-1699e6d2a806"
-KERNEL = "6.1.0-13-amd64"
 GRUB = "org.osbuild.grub2"
 
 
@@ -356,14 +355,6 @@ def stage_diff(osbuild, store, base_stages, stage):
     return json.loads(proc.stdout), res
 
 
-FAKE_DEBIAN = {"name": "org.osbuild.script", "options": {"chroot": False, "script": (
-    "mkdir -p boot etc usr/lib\n"
-    f"echo kernel > boot/vmlinuz-{KERNEL}\n"
-    f"echo initrd > boot/initrd.img-{KERNEL}\n"
-    f"ln -s boot/vmlinuz-{KERNEL} vmlinuz\n"
-    f"ln -s boot/initrd.img-{KERNEL} initrd.img\n"
-    "echo 'PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"' > usr/lib/os-release\n"
-    "ln -s ../usr/lib/os-release etc/os-release\n")}}
 
 
 def dir_attrs():

@@ -284,7 +284,8 @@ def tree_diff(store, id1, id2, *ignore):
     return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
 
 
-BASE = {"name": "org.osbuild.script", "options": {"chroot": False, "script": "mkdir -p etc usr var"}}
+BASE = {"name": "org.osbuild.script", "options": {"chroot": False,
+                                                  "script": "mkdir -p etc usr var"}}
 DIR = {"type": "dir", "mode": "0755", "uid": 0, "gid": 0}
 
 

@@ -43,6 +43,7 @@ def reference_digest(path):
 
 
 def digest_of(path):
+    """treesum's content digest of the file at `path`."""
     fd = os.open(path, os.O_RDONLY)
     try:
         return file_digest(fd)
