@@ -447,6 +447,17 @@ def shrink(store, limit, own_lease=None):
     return report
 
 
+def _remove_source(path):
+    """Remove a cached source file; one that is gone, or a directory there, is left."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno != errno.EISDIR:
+            raise
+
+
 def _evict_locked(store, limit, report, own_lease):
     objects, dangling = _scan(store)
     for ref in dangling:
@@ -487,13 +498,7 @@ def _evict_locked(store, limit, report, own_lease):
             os.rename(os.path.join(store.objects, key), os.path.join(trash.path, key))
             report.objects += 1
         else:
-            try:
-                os.unlink(key)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                if e.errno != errno.EISDIR:
-                    raise
+            _remove_source(key)
             report.sources += 1
         report.evicted.append((kind, key))
         report.size -= size
