@@ -152,6 +152,14 @@ def mounted(dev):
             subprocess.run(["umount", mnt], check=True)
 
 
+def copy_esp_efi(dev, out):
+    """Copy /EFI of the vfat filesystem on `dev` into the new directory `out` (mtools, no mount)."""
+    out.mkdir()
+    subprocess.run(["mcopy", "-s", "-n", "-i", dev, "::/EFI", str(out)], check=True,
+                   env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+    return out
+
+
 def tree_diff(tree1, tree2, *ignore):
     """tools/tree-diff of two trees as a dict."""
     argv = [TREE_DIFF]

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from assemblerlib import (GRUB_MARKER, assert_failed, assert_same_tree, attached, blkid,
-                          boot_grub, loops_on, manifest, mounted, mounts_under,
+                          boot_grub, copy_esp_efi, loops_on, manifest, mounted, mounts_under,
                           output_file, qemu_img_info, sfdisk_json, to_raw, tree_path, tree_stage)
 from conftest import run_osbuild
 
@@ -157,10 +157,7 @@ def test_gpt_hybrid_multi_partition(store, tmp_path):
         assert (probe["TYPE"], probe["UUID"], probe["LABEL"]) == ("vfat", "46BB-8120",
                                                                   "EFI System")
         # No vfat driver needed: read it back with mtools.
-        out = tmp_path / "esp"
-        out.mkdir()
-        subprocess.run(["mcopy", "-s", "-n", "-i", dev, "::/EFI", str(out)], check=True,
-                       env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+        out = copy_esp_efi(dev, tmp_path / "esp")
         assert (out / "EFI/BOOT/BOOTX64.EFI").read_text() == "efi\n"
         assert (out / "EFI/debian/grub.cfg").read_text() == "cfg\n"
     assert_clean(store, "osbt-gpt.vmdk")

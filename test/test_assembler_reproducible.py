@@ -7,13 +7,12 @@ identical, and hold the tree (checked with the kernel's view of them).
 
 import hashlib
 import os
-import subprocess
 import time
 
 import pytest
 
-from assemblerlib import (assert_same_tree, attached, blkid, manifest, mounted, output_file,
-                          sfdisk_json, to_raw, tree_path, tree_stage)
+from assemblerlib import (assert_same_tree, attached, blkid, copy_esp_efi, manifest, mounted,
+                          output_file, sfdisk_json, to_raw, tree_path, tree_stage)
 from conftest import run_osbuild
 
 pytestmark = [
@@ -86,8 +85,5 @@ def test_same_tree_same_image(tmp_path, root_fs):
         assert os.listdir(os.path.join(mnt, "efi")) == []
         assert len(os.listdir(os.path.join(mnt, "grub", "i386-pc"))) > 100
     with attached(raw, esp["start"], esp["size"]) as dev:
-        out = tmp_path / "esp"
-        out.mkdir()
-        subprocess.run(["mcopy", "-s", "-n", "-i", dev, "::/EFI", str(out)], check=True,
-                       env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+        out = copy_esp_efi(dev, tmp_path / "esp")
         assert (out / "EFI/BOOT/BOOTX64.EFI").read_text() == "efi\n"
