@@ -23,7 +23,7 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "osbuild":
 import argparse
 import json
 
-from osbuild import __version__, metacache
+from osbuild import __version__, debugshell, metacache
 from osbuild import cache
 from osbuild import monitor
 from osbuild.buildroot import DEFAULT_MAX_PROCESSES, BuildRootError
@@ -32,7 +32,7 @@ from osbuild.manifest import host_runner, validate
 from osbuild.meta import ValidationError, index
 from osbuild.monitor import LogMonitor, MonitorError, Monitors
 from osbuild.objectstore import ObjectStore, StoreError
-from osbuild.output import OutputError, copy_output
+from osbuild.output import OutputError, copy_output, export_object
 from osbuild.pipeline import BuildContext
 from osbuild import remote as remote_store
 from osbuild.util import nesting, strictjson
@@ -70,10 +70,24 @@ def parse_args(argv):
                         help='JSON {"runner": NAME, "pipeline": {...}} used as the innermost '
                              "build pipeline")
     parser.add_argument("--checkpoint", metavar="ID", action="append", default=[],
-                        help="commit the tree after the stage with this id to the store "
-                             "(repeatable)")
+                        help="commit the tree after the stages with this id or name to the "
+                             "store (a glob: '*' is every stage; repeatable)")
     parser.add_argument("--output-directory", metavar="DIR",
                         help="also place the assembler's output in DIR")
+    parser.add_argument("--export", metavar="ID", action="append", default=[],
+                        help="copy the object ID (a stage's tree, or the assembler's output) "
+                             "to DIR/ID of --output-directory (repeatable)")
+    parser.add_argument("--break", metavar="STAGE", dest="breaks", action="append",
+                        nargs="?", const="*", default=[],
+                        help="before the stages with this name or id (a glob; bare: '*', "
+                             "every stage and the assembler) run, open a shell in their build "
+                             "root reading commands from stdin (repeatable)")
+    parser.add_argument("--break-on-failure", action="store_true",
+                        help="when a stage or the assembler fails, open a shell in its build "
+                             "root with the tree as it left it, then fail")
+    parser.add_argument("--stage-timeout", metavar="SECONDS",
+                        help="stop a stage or the assembler that runs longer than this, "
+                             "and fail")
     parser.add_argument("--max-processes", metavar="N", default=str(DEFAULT_MAX_PROCESSES),
                         help="most processes (and threads) one program's build root may have "
                              f"at a time, 0 for no limit (default: {DEFAULT_MAX_PROCESSES})")
@@ -104,7 +118,12 @@ def parse_args(argv):
     if args.gc and args.manifest is not None:
         raise UsageError("--gc takes no MANIFEST (see osbuild --help)")
     if not args.gc and args.manifest is None:
-        raise UsageError("the following arguments are required: MANIFEST (see osbuild --help)")
+        hint = ""
+        if args.breaks and args.breaks[-1] != "*":
+            hint = (f"; --break took {args.breaks[-1]!r} as the STAGE: write --break=STAGE, "
+                    "or '--break --' before the manifest")
+        raise UsageError(f"the following arguments are required: MANIFEST{hint} "
+                         "(see osbuild --help)")
     return args
 
 
@@ -197,6 +216,73 @@ def parse_max_processes(text):
     return int(text)
 
 
+def select_checkpoints(pipeline, patterns):
+    """The stage ids that the --checkpoint globs select (by id or by name).
+
+    A pattern without glob characters that selects nothing is an error, as
+    in the original osbuild; a glob that selects nothing is only a warning."""
+    stages = pipeline.all_stages()
+    ids = []
+    for pattern in patterns:
+        found = [s.id for s in stages if debugshell.matches(pattern, s)]
+        if not found:
+            if not any(c in pattern for c in "*?["):
+                raise UsageError(f"checkpoint {pattern!r} matches no stage of the manifest")
+            print(f"osbuild: warning: checkpoint {pattern!r} matches no stage of the manifest",
+                  file=sys.stderr)
+        ids += found
+    return list(dict.fromkeys(ids))
+
+
+def check_exports(pipeline, args):
+    """Refuse --export ids the manifest does not build, and --export without a directory."""
+    if not args.export:
+        return
+    if not args.output_directory:
+        raise UsageError("--export needs --output-directory (where the objects are copied)")
+    known = {s.id for s in pipeline.all_stages()}
+    p = pipeline
+    while p is not None:
+        known.update(i for i in (p.output_id,) if i)
+        p = p.build
+    for object_id in args.export:
+        if object_id not in known:
+            raise UsageError(f"--export {object_id[:100]!r} is not the id of a stage or an "
+                             "assembler of the manifest (see --inspect)")
+
+
+def parse_timeout(text):
+    """The value of --stage-timeout: seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 10 ** 9:
+        raise UsageError(f"--stage-timeout {text[:40]!r}: expected a number of seconds "
+                         "greater than 0")
+    return value
+
+
+def make_debug(pipeline, args):
+    """The --break, --break-on-failure and --stage-timeout choices (None without them)."""
+    timeout = parse_timeout(args.stage_timeout) if args.stage_timeout is not None else None
+    if not (args.breaks or args.break_on_failure or timeout):
+        return None
+    if (args.breaks or args.break_on_failure) and args.manifest == "-":
+        raise UsageError("--break and --break-on-failure read the shell's commands from stdin, "
+                         "so the manifest cannot come from stdin (-): pass it as a file")
+    steps = pipeline.all_stages() + pipeline.all_assemblers()
+    try:
+        debug = debugshell.Debug(args.breaks, args.break_on_failure, timeout,
+                                 output_fd=2 if args.json else 1)
+    except debugshell.DebugError as e:
+        raise UsageError(str(e)) from None
+    for pattern in debug.unmatched(steps):
+        raise UsageError(f"--break {pattern[:100]!r} matches no stage or assembler of the "
+                         "manifest (a name, an id or a glob)")
+    return debug
+
+
 def print_json(value, indent=None):
     """Print `value` as one strict JSON document (never NaN or Infinity)."""
     sys.stdout.write(json.dumps(value, indent=indent, allow_nan=False) + "\n")
@@ -283,10 +369,9 @@ def run(args, monitors):
         print_json(v1.inspect(pipeline, sources), indent=2)
         return 0
     runner = host_runner(libdir)
-    known = set(pipeline.all_stage_ids())
-    for checkpoint in args.checkpoint:
-        if checkpoint not in known:
-            raise UsageError(f"checkpoint {checkpoint!r} matches no stage of the manifest")
+    checkpoints = select_checkpoints(pipeline, args.checkpoint)
+    check_exports(pipeline, args)
+    debug = make_debug(pipeline, args)
     max_processes = parse_max_processes(args.max_processes)
     remote = open_remote(args)
     store = ObjectStore(args.store)
@@ -295,15 +380,19 @@ def run(args, monitors):
     lease = cache.Lease(store, cache.pipeline_ids(pipeline), cache.checksums_in(desc, sources))
     try:
         ctx = BuildContext(store, libdir, sources, secrets, monitor=monitors,
-                           checkpoints=args.checkpoint, remote=remote,
-                           max_processes=max_processes)
+                           checkpoints=checkpoints, remote=remote,
+                           max_processes=max_processes, debug=debug,
+                           exports=set(args.export) - {pipeline.output_id})
         monitors.begin(pipeline.steps_to_run(ctx))
         result = pipeline.run(ctx, runner)
-        share(remote, store, pipeline, args.checkpoint, result)
+        share(remote, store, pipeline, checkpoints, result)
         copied = []
-        if result.success and args.output_directory and pipeline.output_id:
+        if result.success and args.output_directory:
             try:
-                copied = copy_output(store, pipeline.output_id, args.output_directory)
+                if pipeline.output_id:
+                    copied = copy_output(store, pipeline.output_id, args.output_directory)
+                for object_id in dict.fromkeys(args.export):
+                    copied.append(export_object(store, object_id, args.output_directory))
             except OutputError as e:
                 print(f"osbuild: {e}", file=sys.stderr)
                 result.failed = True

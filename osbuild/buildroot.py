@@ -27,6 +27,7 @@ stopped and fails.
 """
 
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -41,6 +42,7 @@ import osbuild
 from osbuild import emulation, etctemplate
 from osbuild.api import OsbuildAPI
 from osbuild.layout import CONTAINER, HOST_RUNTIME_DIR
+from osbuild.debugshell import ProgramControl
 from osbuild.remoteloop import LoopServer
 from osbuild.util import idmap
 from osbuild.util.lifetime import contained
@@ -99,6 +101,7 @@ class RunResult:
     def __init__(self, returncode, output):
         self.returncode = returncode
         self.output = output
+        self.timed_out = False  # stopped by --stage-timeout
 
     @property
     def success(self):
@@ -281,7 +284,7 @@ class BuildRoot(contextlib.AbstractContextManager):
         return workdir
 
     def run(self, kind, name, args, binds=(), ro_binds=(), apis=(), monitor=None,
-            network=False, on_phase=None, emulate=None):
+            network=False, on_phase=None, emulate=None, control=None):
         """Run the program `<libdir>/<kind>/<name>` with JSON `args` on stdin.
 
         `binds`/`ro_binds` are (host path, container path) pairs; `apis` are
@@ -290,7 +293,9 @@ class BuildRoot(contextlib.AbstractContextManager):
         network instead of a private one with only loopback; `on_phase` is
         called with each phase the program reports (see api.OsbuildAPI);
         `emulate` names an architecture whose binaries the program runs
-        (osbuild/emulation.py).
+        (osbuild/emulation.py); `control` (a debugshell.ProgramControl) adds
+        debug shells (with the emulator's binds, not its registration) and a
+        time limit.
         """
         # pylint: disable=too-many-arguments,too-many-positional-arguments
         setup_output = ""
@@ -309,17 +314,39 @@ class BuildRoot(contextlib.AbstractContextManager):
             raise BuildRootError(str(e)) from e
         extra = [Bind(src, dst, readonly=True, idmap=NO_IDMAP, recursive=False)
                  for src, dst in emulator]
+        control = control or ProgramControl()
+        if control.shell_before is not None:
+            self.shell(control.shell_before, binds, ro_binds, network, extra)
         res = self._container([*runner_args, CONTAINER.program(kind, name)], binds, ro_binds,
-                              args, apis, monitor, network, on_phase, extra)
+                              args, apis, monitor, network, on_phase, extra,
+                              timeout=control.timeout)
+        if res.timed_out:
+            msg = (f"\nosbuild: {kind[:-1]} {name} ran longer than the limit of "
+                   f"{control.timeout:g} s (--stage-timeout) and was stopped\n")
+            res.output += msg
+            if monitor is not None:
+                monitor(msg.encode())
+        if not res.success and control.shell_on_failure is not None:
+            self.shell(control.shell_on_failure, binds, ro_binds, network, extra)
         res.output = setup_output + res.output
         return res
 
+    def shell(self, shell, binds=(), ro_binds=(), network=False, extra=()):
+        """Run the debug shell `shell` (a debugshell.Shell) in a container with the
+        binds and sandbox a program gets, and wait until it exits."""
+        shell.say(shell.banner)
+        res = self._container(None, binds, ro_binds, None, (), None, network, extra=extra,
+                              shell=shell)
+        shell.say(f"shell exited with status {res.returncode}")
+
     def _container(self, program, binds, ro_binds, args, apis, monitor, network,
-                   on_phase=None, extra=()):
+                   on_phase=None, extra=(), timeout=None, shell=None):
         """Start the runner with `program` as its arguments in a container with
         the `apis` and, unless `args` is None (the runner's set-up, which alone
-        gets /etc writable), the osbuild API handing out `args`."""
-        # pylint: disable=too-many-arguments,too-many-positional-arguments
+        gets /etc writable), the osbuild API handing out `args`. A program
+        still running after `timeout` seconds is stopped. With `shell` (a
+        debugshell.Shell) the container runs that shell instead."""
+        # pylint: disable=too-many-arguments,too-many-positional-arguments,too-many-locals
         # Socket paths are limited to 108 bytes, so they cannot live in the store.
         os.makedirs(HOST_RUNTIME_DIR, mode=0o755, exist_ok=True)
         clean_stale(HOST_RUNTIME_DIR, ("api-",))  # left by osbuild processes that died
@@ -329,9 +356,16 @@ class BuildRoot(contextlib.AbstractContextManager):
             api_workdir = WorkDir(HOST_RUNTIME_DIR, "api-")
             stack.callback(api_workdir.cleanup)
             # the container must not outlive us, nor nspawn (see util/lifetime.py)
-            argv = contained(self._nspawn_argv(api_workdir.path, private.path, args is None,
-                                               binds, ro_binds, network, extra=extra) +
-                             [CONTAINER.program("runners", self.runner), *program])
+            nspawn = self._nspawn_argv(api_workdir.path, private.path,
+                                       args is None and shell is None, binds, ro_binds, network,
+                                       extra=extra)
+            if shell is None:
+                nspawn += [CONTAINER.program("runners", self.runner), *program]
+            else:
+                if shell.interactive:  # nspawn relays through a pty: the terminal stays out
+                    nspawn[nspawn.index("--console=pipe")] = "--console=interactive"
+                nspawn += [f"--chdir={CONTAINER.tree}", *shell.argv()]
+            argv = contained(nspawn)
             limit = None
             if self.max_processes:
                 try:
@@ -341,7 +375,8 @@ class BuildRoot(contextlib.AbstractContextManager):
                 stack.callback(limit.close)
                 argv = limit.wrap(argv)
             servers = ([] if args is None else [OsbuildAPI(args, None, on_phase)]) + list(apis)
-            returncode, chunks, hit = _execute(argv, api_workdir.path, servers, monitor, limit)
+            returncode, chunks, hit, timed_out = _execute(
+                argv, api_workdir.path, servers, monitor, limit, timeout, shell)
         if hit:
             msg = (f"\nosbuild: the program hit the build root's limit of {self.max_processes} "
                    "processes (--max-processes) and was stopped\n").encode()
@@ -349,23 +384,36 @@ class BuildRoot(contextlib.AbstractContextManager):
             if monitor is not None:
                 monitor(msg)
             returncode = returncode or 1
-        return RunResult(returncode, b"".join(chunks).decode("utf-8", errors="replace"))
+        res = RunResult(returncode, b"".join(chunks).decode("utf-8", errors="replace"))
+        if timed_out:
+            res.returncode = res.returncode or 1
+            res.timed_out = True
+        return res
 
 
-def _execute(argv, api_dir, servers, monitor, limit):
+def _execute(argv, api_dir, servers, monitor, limit, timeout=None, shell=None):
     """Run the container command `argv` with the API `servers` in `api_dir`;
-    returns (exit status, output chunks, whether the process limit was hit).
-    The OsbuildAPI among them hands out the write end of the log pipe."""
-    # pylint: disable=too-many-locals
+    returns (exit status, output chunks, whether the process limit was hit,
+    whether it ran out of time and was stopped). The OsbuildAPI among them
+    hands out the write end of the log pipe."""
+    # pylint: disable=too-many-arguments,too-many-positional-arguments,too-many-locals
+    # pylint: disable=too-many-statements,too-many-branches
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     for server in servers:
         if isinstance(server, OsbuildAPI):
             server.output_fd = write_fd
     chunks, errors, hit = [], [], []
     proc = None
+    timed_out = False
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    stdin, err_monitor, out_w = subprocess.DEVNULL, None, None
+    if shell is not None:   # its input is osbuild's; its output is copied out as it comes
+        stdin = shell.stdin_fd
+        err_monitor = functools.partial(_write_shell_output, shell.output_fd)
+        if shell.interactive:   # nspawn itself talks to the terminal
+            out_w = os.dup(shell.output_fd)
     pumps = [threading.Thread(target=_pump, args=(read_fd, chunks, monitor), daemon=True),
-             threading.Thread(target=_pump, args=(err_r, errors, None), daemon=True)]
+             threading.Thread(target=_pump, args=(err_r, errors, err_monitor), daemon=True)]
     done = threading.Event()
     try:
         for server in servers:
@@ -376,14 +424,19 @@ def _execute(argv, api_dir, servers, monitor, limit):
         # connects to the osbuild API land there); the program's own
         # output arrives through the log pipe handed out by setup-stdio.
         # pylint: disable-next=consider-using-with
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err_w,
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=err_w if out_w is None else out_w,
                                 stderr=err_w, close_fds=True, start_new_session=True)
         os.close(err_w)
         err_w = None
         if limit is not None:
             threading.Thread(target=_watch_limit, args=(limit, proc, done, hit),
                              daemon=True).start()
-        returncode = proc.wait()
+        try:
+            returncode = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill(proc, limit)
+            returncode = proc.wait()
     finally:
         done.set()
         if proc is not None and proc.poll() is None:
@@ -391,8 +444,9 @@ def _execute(argv, api_dir, servers, monitor, limit):
         for server in servers:
             server.stop()
         os.close(write_fd)
-        if err_w is not None:
-            os.close(err_w)
+        for fd in (err_w, out_w):
+            if fd is not None:
+                os.close(fd)
         for pump, fd in zip(pumps, (read_fd, err_r)):
             if pump.ident is not None:
                 pump.join(timeout=30)
@@ -400,7 +454,29 @@ def _execute(argv, api_dir, servers, monitor, limit):
                 os.close(fd)
     if limit is not None and limit.hit():
         hit.append(True)
-    return returncode, chunks + _filter_noise(errors, monitor), bool(hit)
+    if shell is not None:
+        return returncode, chunks, False, False
+    return returncode, chunks + _filter_noise(errors, monitor), bool(hit), timed_out
+
+
+def _kill(proc, limit):
+    """SIGKILL the container: its session and (with a limit) everything in its cgroup.
+
+    Whatever escaped the session (a daemon that called setsid) dies with the
+    PID namespace of util/lifetime.py when its first process is killed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if limit is not None:
+        limit.kill()
+
+
+def _write_shell_output(fd, data):
+    """Copy a debug shell's output to `fd`, without nspawn's known noise."""
+    if _NSPAWN_NOISE[0].encode() in data:
+        data = b"".join(line for line in data.splitlines(keepends=True)
+                        if not line.startswith(_NSPAWN_NOISE[0].encode()))
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _watch_limit(limit, proc, done, hit):

@@ -18,7 +18,7 @@ import shutil
 import stat
 import tempfile
 
-from osbuild.util.fs import data_extents
+from osbuild.util.fs import copy_tree, data_extents
 
 
 _PRIVILEGE = stat.S_ISUID | stat.S_ISGID
@@ -154,3 +154,58 @@ def _discard(tmp):
             shutil.rmtree(tmp)
         elif os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def _strip_privileges(tree):
+    """Drop setuid/setgid bits and file capabilities from every regular file of `tree`."""
+    for top, _dirs, files in os.walk(tree):
+        for name in files:
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                if st.st_mode & _PRIVILEGE:
+                    os.fchmod(fd, _mode(st))
+                with contextlib.suppress(OSError):  # ENODATA: none, the usual case
+                    os.removexattr(fd, "security.capability")
+            finally:
+                os.close(fd)
+
+
+def export_object(store, object_id, directory):
+    """Copy the object `object_id` (a tree or an output) to `directory`/`object_id`.
+
+    The copy keeps owners, modes, links and xattrs, except that no file keeps
+    a setuid or setgid bit or file capabilities; it is made in a fresh
+    directory of mode 0700 beside its final name and replaces what is there
+    only when complete. Returns the path; raises OutputError naming what
+    could not be written.
+    """
+    src = store.resolve_ref(object_id)
+    if src is None:
+        raise OutputError(f"object {object_id} is not in the store")
+    dst = os.path.join(directory, object_id)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{object_id[:32]}.", suffix=".osbuild-tmp",
+                               dir=directory)
+    except OSError as e:
+        raise OutputError(f"cannot create output directory {directory}: {e.strerror}") from None
+    try:
+        copy = os.path.join(tmp, "copy")
+        copy_tree(src, copy)
+        _strip_privileges(copy)
+        os.chmod(copy, 0o700)
+        if os.path.lexists(dst) and not (os.path.isdir(dst) and not os.path.islink(dst)):
+            os.unlink(dst)   # a file or a symlink there is replaced, never followed
+        _place(copy, dst, True)
+        os.rmdir(tmp)
+    except OSError as e:
+        _discard(tmp)
+        raise OutputError(f"cannot write export {dst}: {e.strerror or e}") from None
+    except BaseException:
+        _discard(tmp)
+        raise
+    return dst

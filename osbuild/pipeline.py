@@ -43,7 +43,9 @@ class BuildContext:
     """What every program run of one osbuild invocation shares."""
 
     def __init__(self, store, libdir, sources_options=None, secrets=None, monitor=None,
-                 checkpoints=(), remote=None, max_processes=DEFAULT_MAX_PROCESSES):
+                 checkpoints=(), remote=None, max_processes=DEFAULT_MAX_PROCESSES,
+                 debug=None, exports=()):
+        # pylint: disable=too-many-arguments,too-many-positional-arguments
         self.store = store
         self.libdir = os.path.abspath(libdir)
         self.sources_options = sources_options or {}
@@ -53,6 +55,15 @@ class BuildContext:
         self.max_processes = max_processes  # of each build root; 0: no limit
         # an osbuild.remote.Remote shared with other build hosts, or None
         self.remote = remote
+        # an osbuild.debugshell.Debug (--break, --stage-timeout, ...), or None
+        self.debug = debug
+        # ids of stage trees that must be in the store afterwards (--export)
+        self.exports = set(exports)
+        self.checkpoints |= self.exports
+
+    def control(self, step):
+        """What to do around running the stage or assembler `step` (debugshell)."""
+        return self.debug.control(step) if self.debug is not None else None
 
     def pull(self, object_id):
         """Fetch `object_id` from the remote into the store; whether it is there now."""
@@ -152,7 +163,8 @@ class Stage:
                                  ro_binds=[(sources_dir, CONTAINER.sources)],
                                  apis=[server], monitor=ctx.monitor.log, network=network,
                                  on_phase=lambda name: ctx.monitor.phase(self, name),
-                                 emulate=emulate)
+                                 emulate=emulate,
+                                 control=ctx.control(self))
         finally:
             sources_workdir.cleanup()
 
@@ -183,7 +195,8 @@ class Assembler(Stage):
             binds=[(output_dir, CONTAINER.output), (buildroot.dev, CONTAINER.dev)],
             ro_binds=[(tree, CONTAINER.tree)],
             apis=[buildroot.loop_server(tree, output_dir)], monitor=ctx.monitor.log,
-            on_phase=lambda name: ctx.monitor.phase(self, name)))
+            on_phase=lambda name: ctx.monitor.phase(self, name),
+            control=ctx.control(self)))
 
 
 def detect_os(*paths):
@@ -297,6 +310,15 @@ class Pipeline:
             ids += self.build.all_stage_ids()
         return ids
 
+    def all_stages(self):
+        """All stages of this pipeline and its build pipelines."""
+        return self.stages + (self.build.all_stages() if self.build else [])
+
+    def all_assemblers(self):
+        """The assemblers of this pipeline and its build pipelines."""
+        own = [self.assembler] if self.assembler else []
+        return own + (self.build.all_assemblers() if self.build else [])
+
     def description(self):
         """The canonical manifest form (empty and null parts dropped)."""
         from osbuild.formats import v1  # pylint: disable=import-outside-toplevel,cyclic-import
@@ -317,7 +339,20 @@ class Pipeline:
     def _finished(self, ctx):
         """Whether the result (output, or tree without an assembler) is in the store now."""
         wanted = self.output_id if self.assembler else self.tree_id
+        pipeline = self
+        while pipeline is not None:    # --export of a build pipeline's stage, too
+            if pipeline._missing_exports(ctx):  # pylint: disable=protected-access
+                return False
+            pipeline = pipeline.build
         return wanted is None or ctx.store.contains(wanted) or ctx.pull(wanted)
+
+    def _missing_exports(self, ctx):
+        """The indexes of the stages whose trees --export wants and the store lacks."""
+        if not ctx.exports:
+            return []
+        return [i for i, stage_id in enumerate(self.stage_ids())
+                if stage_id in ctx.exports and not ctx.store.contains(stage_id)
+                and not ctx.pull(stage_id)]
 
     def run(self, ctx, host_runner):
         """Build what is not in the store yet; returns its PipelineResult (DESIGN 1.4)."""
@@ -332,7 +367,7 @@ class Pipeline:
         root, runner = found
         with BuildRoot(root, runner, ctx.libdir, ctx.store.tmp,
                        ctx.max_processes, epoch=self.epoch) as buildroot:
-            if self._run_stages(ctx, buildroot, result) and self.assembler:
+            if self._run_stages(ctx, buildroot, result) and self._assembler_to_run(ctx):
                 self._run_assembler(ctx, buildroot, result)
         return result
 
@@ -342,15 +377,25 @@ class Pipeline:
             return []
         steps = self.build.steps_to_run(ctx) if self.build else []
         steps += self._todo(ctx)[1]
-        return steps + ([self.assembler] if self.assembler else [])
+        return steps + ([self.assembler] if self._assembler_to_run(ctx) else [])
+
+    def _assembler_to_run(self, ctx):
+        """Whether the assembler must run (not when --export alone made the stages run)."""
+        return self.assembler is not None and not ctx.store.contains(self.output_id)
 
     def _todo(self, ctx):
         """(id of the last stage already in the store or None, the stages to run)."""
+        # --export: start before the first stage whose tree is wanted and missing;
+        # stop after the last one if the final tree is there already
         ids = self.stage_ids()
-        for i in range(len(self.stages) - 1, -1, -1):
+        missing = self._missing_exports(ctx)
+        end = len(self.stages)
+        if missing and ctx.store.contains(ids[-1]):
+            end = missing[-1] + 1
+        for i in range((missing[0] if missing else end) - 1, -1, -1):
             if ctx.store.contains(ids[i]) or ctx.pull(ids[i]):
-                return ids[i], self.stages[i + 1:]
-        return None, self.stages
+                return ids[i], self.stages[i + 1:end]
+        return None, self.stages[:end]
 
     def _run_stages(self, ctx, buildroot, result):
         """Run the stages not in the store; whether they all succeeded."""
@@ -367,7 +412,7 @@ class Pipeline:
                 if stage.id in ctx.checkpoints and stage is not todo[-1]:
                     store.commit(obj, stage.id)
             if todo:
-                store.commit(obj, self.tree_id)
+                store.commit(obj, todo[-1].id)
         return True
 
     def _run_assembler(self, ctx, buildroot, result):

@@ -17,6 +17,7 @@ longer exist are removed when a new one is made.
 import contextlib
 import os
 import secrets
+import signal
 import time
 
 _PARENT = "osbuild"
@@ -116,6 +117,26 @@ class ProcessLimit:
         except (OSError, ValueError):
             pass
         return False
+
+    def kill(self):
+        """SIGKILL every process in the cgroup (those forked meanwhile too)."""
+        # cgroup v2 kills atomically; v1 needs rounds until nothing is left.
+        with contextlib.suppress(OSError):
+            with open(os.path.join(self.path, "cgroup.kill"), "w", encoding="ascii") as f:
+                f.write("1")
+            return
+        for _ in range(1000):
+            try:
+                with open(os.path.join(self.path, "cgroup.procs"), encoding="ascii") as f:
+                    pids = [int(line) for line in f if line.strip()]
+            except (OSError, ValueError):
+                return
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
 
     def close(self, timeout=10):
         """Remove the cgroup; waits (up to `timeout` s) for the last processes to be reaped."""
