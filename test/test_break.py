@@ -98,6 +98,21 @@ echo sandbox-checked
         assert escape not in res.stderr, res.stderr
 
 
+def test_break_before_the_assembler_cannot_change_the_committed_tree(tmp_path):
+    """The assembler's shell gets the committed tree read-only, as the assembler does."""
+    store, out = tmp_path / "store", tmp_path / "out"
+    res = run_osbuild(SAMPLE, store, "--break=org.osbuild.tar", "--output-directory", out,
+                      stdin="touch /run/osbuild/tree/x && echo WROTE-TREE\n"
+                            "echo out > /run/osbuild/output/extra && echo WROTE-OUTPUT\n")
+    assert res.returncode == 0, res.stderr
+    assert "WROTE-TREE" not in res.stderr
+    assert "WROTE-OUTPUT" in res.stderr              # its output directory is writable
+    assert "x" not in tar_members(out)
+    tree = store / "refs" / res.json["tree_id"]
+    assert not (tree / "x").exists()
+    check_store(store)                               # every object still hashes to its name
+
+
 def test_break_on_failure_sees_the_tree_and_commits_nothing(tmp_path):
     store = tmp_path / "store"
     desc = {"pipeline": {"stages": [
