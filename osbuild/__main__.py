@@ -283,6 +283,22 @@ def make_debug(pipeline, args):
     return debug
 
 
+def copy_results(store, pipeline, args, result):
+    """After a successful build: the output and the --export objects into
+    --output-directory; returns the paths written (a failure fails `result`)."""
+    copied = []
+    if result.success and args.output_directory:
+        try:
+            if pipeline.output_id:
+                copied = copy_output(store, pipeline.output_id, args.output_directory)
+            for object_id in dict.fromkeys(args.export):
+                copied.append(export_object(store, object_id, args.output_directory))
+        except OutputError as e:
+            print(f"osbuild: {e}", file=sys.stderr)
+            result.failed = True
+    return copied
+
+
 def print_json(value, indent=None):
     """Print `value` as one strict JSON document (never NaN or Infinity)."""
     sys.stdout.write(json.dumps(value, indent=indent, allow_nan=False) + "\n")
@@ -386,16 +402,7 @@ def run(args, monitors):
         monitors.begin(pipeline.steps_to_run(ctx))
         result = pipeline.run(ctx, runner)
         share(remote, store, pipeline, checkpoints, result)
-        copied = []
-        if result.success and args.output_directory:
-            try:
-                if pipeline.output_id:
-                    copied = copy_output(store, pipeline.output_id, args.output_directory)
-                for object_id in dict.fromkeys(args.export):
-                    copied.append(export_object(store, object_id, args.output_directory))
-            except OutputError as e:
-                print(f"osbuild: {e}", file=sys.stderr)
-                result.failed = True
+        copied = copy_results(store, pipeline, args, result)
         collect(store, limit, lease, args.json or args.quiet)
     finally:
         lease.release()
