@@ -22,6 +22,7 @@ SAMPLE = os.path.join(REPO, "samples", "script-tar.json")
 
 
 def sample():
+    """The script-tar sample manifest."""
     with open(SAMPLE, encoding="utf-8") as f:
         return json.load(f)
 
@@ -33,6 +34,7 @@ def ids(desc):
 
 
 def tar_members(out):
+    """Member names of the tar an output directory holds."""
     listing = subprocess.run(["tar", "--zstd", "-tf", os.path.join(out, "tree.tar.zst")],
                              capture_output=True, text=True, check=True).stdout
     return {line.removeprefix("./").rstrip("/") for line in listing.splitlines()}

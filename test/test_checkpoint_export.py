@@ -29,11 +29,13 @@ MANIFEST = {"pipeline": {
 
 
 def ids():
+    """(stage ids, output id) of the manifest."""
     pipeline = load(MANIFEST, REPO).pipeline
     return [s.id for s in pipeline.stages], pipeline.output_id
 
 
 def refs(store):
+    """The ids the store has refs for."""
     return set(check_store(store)[1])
 
 

@@ -94,8 +94,10 @@ def test_starting_build_keeps_live_workdirs(tmp_path):
     slow = write(tmp_path / "slow.json", {"pipeline": {"stages": [
         {"name": "org.osbuild.script",
          "options": {"chroot": False,
-                     "script": f": {token}; echo slow > slow; touch started; sleep 4; "
-                               "rm started; cat slow > copy"}}]}})
+                     "script": f": {token}; echo slow > slow; touch started; "
+                               "i=0; while [ ! -e release ] && [ $i -lt 1200 ]; do "
+                               "sleep 0.05; i=$((i+1)); done; "
+                               "rm -f started release; cat slow > copy"}}]}})
     quick = write(tmp_path / "quick.json", {"pipeline": {"stages": [
         {"name": "org.osbuild.noop", "options": {"token": token}}]}})
     proc = osbuild_popen(store, slow)
@@ -113,6 +115,9 @@ def test_starting_build_keeps_live_workdirs(tmp_path):
         assert quick_status == 0, stderr
         assert not stale.exists(), "the stale work directory was not removed"
         assert set(live) <= set(tmp_entries(store)), "a live work directory was removed"
+        for work in markers(store):
+            with open(os.path.join(store, "tmp", work, "tree", "release"), "w", encoding="utf-8"):
+                pass
         status, result, stderr = finish(proc)
     finally:
         if proc.poll() is None:

@@ -14,12 +14,14 @@ pytestmark = [pytest.mark.integration,
 
 
 def script_manifest(*scripts):
+    """A manifest of one script stage per script (build-root mode)."""
     return {"pipeline": {"stages": [
         {"name": "org.osbuild.script", "options": {"chroot": False, "script": s}}
         for s in scripts]}}
 
 
 def assert_nothing_half_written(store):
+    """The store is consistent and its tmp/ empty; returns (objects, refs)."""
     objects, refs = check_store(store)
     assert os.listdir(store / "tmp") == []
     return objects, refs
