@@ -61,6 +61,9 @@ def load_schema(libdir=None):
     return _load(path)
 
 
+MAX_PATH_CHARS = 300
+
+
 def format_path(parts, where=""):
     """`pipeline.stages[3].options` for the path parts of a value."""
     path = where
@@ -71,6 +74,8 @@ def format_path(parts, where=""):
             path += f"[{json.dumps(str(part))}]"  # keys with odd characters stay on one line
         else:
             path += f".{part}" if path else str(part)
+    if len(path) > MAX_PATH_CHARS:  # a hostile manifest nests deeply: keep the error on one screen
+        path = path[:MAX_PATH_CHARS // 2] + "…" + path[-MAX_PATH_CHARS // 2:]
     return path or "manifest"
 
 

@@ -288,3 +288,11 @@ def test_odd_keys_stay_on_one_line():
     assert osbuild_schema.format_path(["pipeline", "stages", 3, "options"]) == \
         "pipeline.stages[3].options"
     assert osbuild_schema.format_path([], "") == "manifest"
+
+
+def test_deep_path_in_an_error_is_elided():
+    parts = ["\x1f\x1f\U00010000"] * 60 + [0]
+    path = osbuild_schema.format_path(parts)
+    assert len(path) <= osbuild_schema.MAX_PATH_CHARS + 1
+    assert path.endswith("[0]") and "…" in path
+    assert osbuild_schema.format_path(["pipeline", "stages", 3]) == "pipeline.stages[3]"
