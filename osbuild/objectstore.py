@@ -8,8 +8,9 @@ Layout (DESIGN 1.5)::
     STORE/sources/<name>/      each source's private cache
 
 Nothing half-built is ever visible under objects/ or refs/: a tree is
-finished in STORE/tmp and then renamed into place, and refs are created
-under a temporary name and renamed over their final name.
+finished in STORE/tmp and then renamed into place, and a ref is one
+symlink(2), created complete or not at all and never replaced while it
+resolves (only a dangling one is, via rename(2); see `ObjectStore._link`).
 """
 
 import contextlib
@@ -20,7 +21,7 @@ import os
 import stat
 import tempfile
 
-from osbuild.treesum import TreeError, treesum
+from osbuild.treesum import FileRecord, TreeError, treesum
 from osbuild.util.fs import copy_tree, remove_tree
 from osbuild.util.workdir import WorkDir, clean_stale
 
@@ -73,14 +74,15 @@ def _carry_over(index, tree):
     if not index:
         return None
     known = {}
-    for path, record in index.items():
+    for path, value in index.items():
+        record = FileRecord.from_json(value)
         try:
             st = os.lstat(tree + path)
         except (OSError, TypeError):
             continue
-        if stat.S_ISREG(st.st_mode) and isinstance(record, list) and len(record) == 5 \
-                and record[2:4] == [st.st_size, st.st_mtime_ns]:
-            known[path] = [st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, record[4]]
+        if record is not None and stat.S_ISREG(st.st_mode) and \
+                (record.size, record.mtime_ns) == (st.st_size, st.st_mtime_ns):
+            known[path] = FileRecord.of(st, record.digest)
     return known
 
 

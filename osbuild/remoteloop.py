@@ -7,7 +7,7 @@ its node `loopN` in the build root's device directory (`/run/osbuild/dev`
 inside), answering the node's path. The assembler makes filesystems on such
 devices with its own tools, then asks the host to populate them: the host
 mounts them (in a private mount namespace of a helper process, see
-osbuild/util/populate.py) and copies directories of the container into them
+osbuild/executables/populate.py) and copies directories of the container into them
 with its own tar. Only paths below the directories the server was given
 (the tree and the build root's /usr, both read-only to the container) can be
 copied, and they are resolved without following symbolic links. On
@@ -287,7 +287,7 @@ def image_stat(fd, output_dir):
 
 
 def _run_helper(spec, fds):
-    """Run osbuild.util.populate in private mount and PID namespaces that die with us.
+    """Run osbuild.executables.populate in private mount and PID namespaces that die with us.
 
     Killing osbuild kills the helper (and with it its tar processes, being
     PID 1 of its namespace), and the mounts vanish with the namespace.
@@ -295,7 +295,7 @@ def _run_helper(spec, fds):
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
            "PYTHONPATH": package_parent}
-    argv = contained([sys.executable, "-S", "-m", "osbuild.util.populate", json.dumps(spec)])
+    argv = contained([sys.executable, "-S", "-m", "osbuild.executables.populate", json.dumps(spec)])
     return subprocess.run(argv, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
 

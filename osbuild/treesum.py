@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import stat
+from typing import NamedTuple
 
 from osbuild.util.fs import data_extents
 
@@ -121,14 +122,46 @@ def _file_digest(name, dir_fd):
         os.close(fd)
 
 
+class FileRecord(NamedTuple):
+    """What a walk learnt about one regular file: its content digest and the
+    stat fields that tell whether the file is still the one it was computed for.
+
+    Saved as a JSON array (STORE/index, see objectstore.py).
+    """
+
+    inode: int
+    ctime_ns: int
+    size: int
+    mtime_ns: int
+    digest: str
+
+    @classmethod
+    def of(cls, st, digest):
+        """The record of the file `st` describes, with content `digest`."""
+        return cls(st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, digest)
+
+    @classmethod
+    def from_json(cls, value):
+        """A record read back from JSON, or None when `value` is not one."""
+        # pylint: disable-next=unidiomatic-typecheck
+        if not isinstance(value, list) or len(value) != 5 or \
+                not all(type(v) is int for v in value[:4]) or not isinstance(value[4], str):
+            return None
+        return cls(*value)
+
+    def matches(self, st):
+        """Whether `st` is still the very file (same inode, ctime and size)."""
+        return (self.inode, self.ctime_ns, self.size) == (st.st_ino, st.st_ctime_ns, st.st_size)
+
+
 def _content_digest(st, name, dir_fd, path, known, seen):
     record = known.get(path) if known else None
-    if record and record[:3] == [st.st_ino, st.st_ctime_ns, st.st_size]:
-        digest = record[4]
+    if record is not None and record.matches(st):
+        digest = record.digest
     else:
         digest = _file_digest(name, dir_fd)
     if seen is not None:
-        seen[path] = [st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, digest]
+        seen[path] = FileRecord.of(st, digest)
     return digest
 
 
@@ -208,10 +241,9 @@ def _metadata(st):
 def treesum(path, known=None, seen=None):
     """Return the hex SHA-256 content hash of the tree rooted at `path`.
 
-    `known` maps a regular file's path (relative, with a leading "/") to
-    `[inode, ctime_ns, size, mtime_ns, digest]`; files that still match are
-    not read again. If `seen` is a dict, it receives that record for every
-    regular file of the tree.
+    `known` maps a regular file's path (relative, with a leading "/") to its
+    FileRecord; files that still match are not read again. If `seen` is a
+    dict, it receives the FileRecord of every regular file of the tree.
     """
     walk = _Walk(known, seen)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -8,6 +8,7 @@ import pytest
 
 from osbuild.objectstore import INDEX_FORMAT, ObjectStore, StoreError
 from osbuild.treesum import treesum
+from osbuild.util.fs import copy_tree
 
 from hygiene import check_store
 
@@ -185,3 +186,31 @@ def test_output_copy_is_exact_and_sparse(tmp_path):
 
 
 T_OUT = 1_200_000_000
+
+
+def test_copy_tree_whole_and_selected(tmp_path):
+    """util.fs.copy_tree, the one tree copy: whole (cp, reflinks) or selected members into
+    an existing directory leaving out excluded paths (tar); a failure is one OSError line."""
+    src = tmp_path / "src"
+    (src / "boot" / "efi").mkdir(parents=True)
+    write(str(src / "boot" / "efi" / "x"), "efi")
+    write(str(src / "boot" / "k"), "kernel")
+    write(str(src / "a.mod"), "mod")
+    os.symlink("boot/k", src / "link")
+    os.chmod(src / "boot" / "k", 0o4711)
+    copy_tree(str(src), str(tmp_path / "whole"))
+    assert os.readlink(tmp_path / "whole" / "link") == "boot/k"
+    assert mode(str(tmp_path / "whole" / "boot" / "k")) == 0o4711
+    part = tmp_path / "part"
+    part.mkdir()
+    copy_tree(str(src), str(part), exclude=["/boot/efi"], members=["."])
+    assert os.listdir(part / "boot") == ["k"]
+    only = tmp_path / "only"
+    only.mkdir()
+    copy_tree(str(src), str(only), members=["a.mod"])
+    assert os.listdir(only) == ["a.mod"]
+    with pytest.raises(OSError, match="^cannot copy a tree: "):
+        copy_tree(str(tmp_path / "missing"), str(tmp_path / "x"))
+    with pytest.raises(OSError, match="^cannot copy a tree: .*") as e:
+        copy_tree(str(src), str(tmp_path / "nodir"), members=["."])
+    assert "\n" not in str(e.value)

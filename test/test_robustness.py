@@ -478,7 +478,7 @@ def test_sigkill_while_the_host_fills_an_image(tmp_path):
         proc.wait()
         proc.stdout.close()
     time.sleep(0.1)   # the helper and its tar die with osbuild, long before the copy ends
-    assert processes_mentioning("osbuild.util.populate") == []
+    assert processes_mentioning("osbuild.executables.populate") == []
     assert not _copying(store)
     deadline = time.monotonic() + 15
     while loops_backed_under(tmp_path, markers=[token]) and time.monotonic() < deadline:

@@ -1,13 +1,14 @@
 """Unit tests of osbuild.treesum: what is and is not part of a tree's identity."""
 
 import hashlib
+import json
 import os
 import subprocess
 import time
 
 import pytest
 
-from osbuild.treesum import CHUNK, file_digest, treesum
+from osbuild.treesum import FileRecord, CHUNK, file_digest, treesum
 
 T = 1_000_000_000  # a fixed mtime (s)
 
@@ -202,11 +203,25 @@ def test_known_digests_are_reused_only_for_unchanged_inodes(tmp_path):
     seen = {}
     base = treesum(tree, seen=seen)
     record = seen["/f"]
-    assert record[4] == digest_of(os.path.join(tree, "f"))
-    forged = {"/f": record[:4] + ["0" * 64]}
+    assert record.digest == digest_of(os.path.join(tree, "f"))
+    forged = {"/f": record._replace(digest="0" * 64)}
     assert treesum(tree, known=forged) != base  # trusted while ino, ctime, size agree
     with open(os.path.join(tree, "f"), "r+b") as f:
         f.write(b"fake")  # same size, new ctime
     pin(tree)
     fresh = treesum(tree)
     assert treesum(tree, known=forged) == fresh != base
+
+
+def test_file_records_read_back_from_json(tmp_path):
+    """Records are saved as JSON arrays; only well-formed ones are read back."""
+    tree = make(str(tmp_path / "t"), {"f": b"data"})
+    seen = {}
+    treesum(tree, seen=seen)
+    record = seen["/f"]
+    st = os.lstat(os.path.join(tree, "f"))
+    assert record == FileRecord.of(st, digest_of(os.path.join(tree, "f"))) and record.matches(st)
+    assert FileRecord.from_json(json.loads(json.dumps(record))) == record
+    for bad in (None, {}, list(record)[:4], list(record) + [1], [True, 1, 1, 1, "d"],
+                [1, 1, 1, 1.5, "d"], [1, 1, 1, 1, 7]):
+        assert FileRecord.from_json(bad) is None, bad

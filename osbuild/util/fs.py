@@ -5,19 +5,50 @@ import errno
 import os
 import shutil
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 
-def copy_tree(src, dst):
-    """Copy the tree `src` to the (not yet existing) `dst`, keeping everything.
+# tar options that keep owners, modes, xattrs, ACLs and SELinux labels
+TAR_KEEP = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--selinux"]
 
-    Uses reflinks where the filesystem supports them.
+
+def _failed(what, stderr):
+    """The one-line OSError of a failed copy (e.g. disk full), which the CLI reports."""
+    lines = stderr.decode(errors="replace").strip().splitlines() or [f"{what} failed"]
+    return OSError(f"cannot copy a tree: {lines[-1][:500]}")
+
+
+def copy_tree(src, dst, exclude=None, members=None):
+    """Copy the tree `src` to `dst`, keeping owners, modes, links, device nodes,
+    xattrs, ACLs and SELinux labels; raises OSError (one line) when it fails.
+
+    Without `exclude` and `members`, `dst` must not exist yet and reflinks
+    are used where the filesystem supports them (cp). Otherwise `dst` is an
+    existing directory (a mounted filesystem) that a tar pipe fills:
+    `exclude` are absolute paths within the tree to leave out, `members`
+    the entries of `src` to copy (default: all of it).
     """
-    res = subprocess.run(["cp", "--reflink=auto", "-a", "--", src, dst], check=False,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if res.returncode != 0:  # e.g. disk full: an OSError the CLI reports in one line
-        lines = res.stderr.decode(errors="replace").strip().splitlines() or ["cp failed"]
-        raise OSError(f"cannot copy a tree: {lines[0][:500]}")
+    if exclude is None and members is None:
+        res = subprocess.run(["cp", "--reflink=auto", "-a", "--", src, dst], check=False,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if res.returncode != 0:
+            raise _failed("cp", res.stderr)
+        return
+    excludes = ["--anchored"] + [f"--exclude=.{path}" for path in exclude] if exclude else []
+    # the messages go to files: a pipe nobody reads yet could block a tar
+    with tempfile.TemporaryFile() as pack_err, tempfile.TemporaryFile() as unpack_err:
+        with subprocess.Popen(["tar", "--create", "--file", "-", "--directory", src, *TAR_KEEP,
+                               *excludes, "--", *(members or ["."])], stdout=subprocess.PIPE,
+                              stderr=pack_err) as packer:
+            unpack = subprocess.run(["tar", "--extract", "--file", "-", "--directory", dst,
+                                     "--preserve-permissions", "--same-owner", *TAR_KEEP],
+                                    stdin=packer.stdout, stderr=unpack_err, check=False)
+            packer.stdout.close()
+        for proc, err in ((unpack, unpack_err), (packer, pack_err)):
+            if proc.returncode != 0:
+                err.seek(0)
+                raise _failed("tar", err.read(1 << 16))
 
 
 def remove_tree(path):

@@ -14,7 +14,7 @@ import stat
 import subprocess
 import sys
 
-from osbuild.util import fsimage
+from osbuild.programs import fsimage
 
 
 def _mtools(argv, image):
@@ -65,7 +65,7 @@ def real_directory(tree, below):
     return path
 
 
-def copy_tree(tree, image, below="/", warn=None):
+def copy_to_vfat(tree, image, below="/", warn=None):
     """Copy the contents of `tree`'s directory `below` into the vfat filesystem in `image`.
 
     `image` is a file or device holding an (unmounted) vfat filesystem.

@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 
-from osbuild.util import fsimage
+from osbuild.util.fs import copy_tree
 
 # read-only consistency checks; exit status 0 means clean
 FSCK = {"ext4": ["e2fsck", "-f", "-n"], "xfs": ["xfs_repair", "-n"]}
@@ -59,8 +59,11 @@ def populate(spec):
             os.makedirs(where, exist_ok=True)
             members = ["."] if include is None else sorted(
                 n for n in os.listdir(".") if any(fnmatch.fnmatchcase(n, p) for p in include))
-            if members and not fsimage.copy_tree(".", where, exclude, members):
-                errors.append("copying the tree into the image failed (see the tar messages; "
+            try:
+                if members:
+                    copy_tree(".", where, exclude, members)
+            except OSError as e:
+                errors.append(f"copying the tree into the image failed ({e}; "
                               "is the image large enough?)")
                 break
     finally:

@@ -2,8 +2,7 @@
 
 Used by org.osbuild.qemu and org.osbuild.rawfs inside the build root
 (imported through PYTHONPATH there), so only the standard library is used
-and the programs run are the build root's; `copy_tree` is used on the host
-by osbuild.util.populate.
+and the programs run are the build root's.
 """
 
 import contextlib
@@ -16,9 +15,6 @@ import subprocess
 import tempfile
 
 from osbuild import reproducible
-
-# tar options that keep owners, modes, xattrs, ACLs and SELinux labels
-TAR_KEEP = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--selinux"]
 
 
 class ToolError(Exception):
@@ -317,21 +313,3 @@ def tree_bytes(tree, skip=()):
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_blocks * 512
     return total
-
-
-def copy_tree(tree, target, exclude=(), members=(".",)):
-    """Copy `tree` into the mounted filesystem(s) below `target` with a tar pipe.
-
-    Owners, modes, hard and symbolic links, device nodes, xattrs, ACLs and
-    SELinux labels are kept. `exclude` holds absolute paths within the tree
-    to leave out; `members` are the entries of `tree` to copy (all of it).
-    Returns False when either tar failed (tar has printed why).
-    """
-    excludes = ["--anchored"] + [f"--exclude=.{path}" for path in exclude] if exclude else []
-    with subprocess.Popen(["tar", "--create", "--file", "-", "--directory", tree, *TAR_KEEP,
-                           *excludes, "--", *members], stdout=subprocess.PIPE) as packer:
-        unpack = subprocess.run(["tar", "--extract", "--file", "-", "--directory", target,
-                                 "--preserve-permissions", "--same-owner", *TAR_KEEP],
-                                stdin=packer.stdout, check=False)
-        packer.stdout.close()
-    return packer.returncode == 0 and unpack.returncode == 0
