@@ -78,14 +78,20 @@ def _pipeline(desc, where, sources_options=None, environ=None):
     stages = desc.get("stages") or []
     for stage in stages:
         pipeline.add_stage(stage["name"], sources_options, stage.get("options"))
-    for i, (stage, sid) in enumerate(zip(stages, pipeline.stage_ids())):
-        _check_id(stage, "id", sid, f"{prefix}stages[{i}]")
     assembler = desc.get("assembler")
     if assembler:
-        added = pipeline.set_assembler(assembler["name"], assembler.get("options"))
-        _check_id(assembler, "id", added.id, prefix + "assembler")
-    _check_id(desc, "tree_id", pipeline.tree_id, where or "manifest")
-    _check_id(desc, "output_id", pipeline.output_id, where or "manifest")
+        pipeline.set_assembler(assembler["name"], assembler.get("options"))
+    # the ids --inspect adds: each pass over the stages computes all their ids
+    if "tree_id" in desc or any("id" in stage for stage in stages):
+        ids = pipeline.stage_ids()
+        for i, (stage, sid) in enumerate(zip(stages, ids)):
+            _check_id(stage, "id", sid, f"{prefix}stages[{i}]")
+        _check_id(desc, "tree_id", ids[-1] if ids else None, where or "manifest")
+    if "output_id" in desc or assembler and "id" in assembler:
+        output_id = pipeline.output_id
+        if assembler:
+            _check_id(assembler, "id", output_id, prefix + "assembler")
+        _check_id(desc, "output_id", output_id, where or "manifest")
     return pipeline
 
 
@@ -157,14 +163,15 @@ def describe(pipeline, with_ids=False):
     if pipeline.stages:
         desc["stages"] = [dict(stage.description(), id=sid) if with_ids else stage.description()
                           for stage, sid in zip(pipeline.stages, ids)]
+    output_id = pipeline.output_id if with_ids else None
     if pipeline.assembler:
         desc["assembler"] = pipeline.assembler.description()
         if with_ids:
-            desc["assembler"]["id"] = pipeline.output_id
+            desc["assembler"]["id"] = output_id
     if with_ids and ids:
         desc["tree_id"] = ids[-1]
-    if with_ids and pipeline.output_id:
-        desc["output_id"] = pipeline.output_id
+    if output_id:
+        desc["output_id"] = output_id
     return desc
 
 
