@@ -143,9 +143,8 @@ class FileRecord(NamedTuple):
     @classmethod
     def from_json(cls, value):
         """A record read back from JSON, or None when `value` is not one."""
-        # pylint: disable-next=unidiomatic-typecheck
-        if not isinstance(value, list) or len(value) != 5 or \
-                not all(type(v) is int for v in value[:4]) or not isinstance(value[4], str):
+        if not isinstance(value, list) or len(value) != 5 or not isinstance(value[4], str) or \
+                not all(isinstance(v, int) and not isinstance(v, bool) for v in value[:4]):
             return None
         return cls(*value)
 
