@@ -8,7 +8,6 @@ tools/tree-diff against the exact expected difference.
 
 # pylint: disable=missing-function-docstring  # test names say what they test
 
-import datetime
 import json
 import os
 import shutil
@@ -16,6 +15,8 @@ import subprocess
 
 import jsonschema
 import pytest
+
+from osbuild import reproducible
 
 import stagetest
 from stagetest import (ANY, assert_diff, content_change, dir_attrs, file_attrs, link_attrs, read,
@@ -491,7 +492,8 @@ def test_timezone_not_in_tree(apply):
 
 
 def _days_since_epoch():
-    return (datetime.datetime.now(datetime.timezone.utc).date() - datetime.date(1970, 1, 1)).days
+    """The day shadow records for a change: the build's source epoch, never the clock."""
+    return reproducible.DEFAULT_EPOCH // 86400
 
 
 def _add_member(group_text, group, user):
