@@ -1,9 +1,9 @@
 """Reproducible builds: the build's timestamp, clamping mtimes, ids-derived UUIDs.
 
 One timestamp, the *source epoch* (seconds since 1970, UTC), stands for
-"when" everything a build writes was made. It is the pipeline's
-`source-epoch` when the manifest has one, else `SOURCE_DATE_EPOCH` from
-osbuild's environment, else DEFAULT_EPOCH; never the clock. Every program
+"when" everything a build writes was made. It is `SOURCE_DATE_EPOCH` from
+osbuild's environment when set (an override), else the pipeline's
+`source-epoch`, else DEFAULT_EPOCH; never the clock. Every program
 gets it as `SOURCE_DATE_EPOCH` in its environment, and after each program the
 host clamps modification times newer than the epoch down to it
 (`clamp_mtimes`), so files a stage wrote "now" look the same in every build.
