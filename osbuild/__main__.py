@@ -26,16 +26,14 @@ import json
 from osbuild import __version__, debugshell, metacache
 from osbuild import cache
 from osbuild import monitor
-from osbuild.buildroot import DEFAULT_MAX_PROCESSES, BuildRootError
 from osbuild.formats import v1
 from osbuild.manifest import host_runner, validate
 from osbuild.meta import ValidationError, index
 from osbuild.monitor import LogMonitor, MonitorError, Monitors
 from osbuild.objectstore import ObjectStore, StoreError
-from osbuild.output import OutputError, copy_output, export_object
 from osbuild.pipeline import BuildContext
-from osbuild import remote as remote_store
 from osbuild.util import nesting, strictjson
+from osbuild.util.pidlimit import DEFAULT_MAX_PROCESSES
 
 DEFAULT_LIBDIR = "/usr/lib/osbuild"
 
@@ -198,12 +196,14 @@ def open_remote(args):
     """The --remote bucket (None without one, or when it cannot be used)."""
     if not args.remote:
         return None
+    from osbuild import remote as remote_store  # pylint: disable=import-outside-toplevel
     return remote_store.open_remote(args.remote)
 
 
 def share(remote, store, pipeline, checkpoints, result):
     """After a successful build, push its checkpoints, trees and output to the remote."""
     if remote is not None and result.success:
+        from osbuild import remote as remote_store  # pylint: disable=import-outside-toplevel
         remote.push(store, remote_store.shared_ids(pipeline, set(checkpoints)))
 
 
@@ -288,6 +288,8 @@ def copy_results(store, pipeline, args, result):
     --output-directory; returns the paths written (a failure fails `result`)."""
     copied = []
     if result.success and args.output_directory:
+        # pylint: disable-next=import-outside-toplevel
+        from osbuild.output import OutputError, copy_output, export_object
         try:
             if pipeline.output_id:
                 copied = copy_output(store, pipeline.output_id, args.output_directory)
@@ -427,6 +429,15 @@ def fail(message, as_json, status=1, monitors=None):
     return status
 
 
+def _reported_errors():
+    """The errors reported as their message alone."""
+    # imported here, not at the top: a warm rebuild never loads these modules
+    # pylint: disable=import-outside-toplevel
+    from osbuild.buildroot import BuildRootError
+    from osbuild.remote import RemoteError
+    return (UsageError, ValidationError, StoreError, BuildRootError, MonitorError, RemoteError)
+
+
 def main(argv=None):
     """Entry point of the `osbuild` command."""
     argv = sys.argv[1:] if argv is None else argv
@@ -449,8 +460,7 @@ def main(argv=None):
             print_json({"success": False, "error": "interrupted"})
         os.write(2, b"\nosbuild: interrupted\n")
         return 130
-    except (UsageError, ValidationError, StoreError, BuildRootError, MonitorError,
-            remote_store.RemoteError) as e:
+    except _reported_errors() as e:
         return fail(str(e), as_json, monitors=monitors)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""

@@ -46,7 +46,7 @@ from osbuild.debugshell import ProgramControl
 from osbuild.remoteloop import LoopServer
 from osbuild.util import idmap
 from osbuild.util.lifetime import contained
-from osbuild.util.pidlimit import ProcessLimit, ProcessLimitError
+from osbuild.util.pidlimit import DEFAULT_MAX_PROCESSES, ProcessLimit, ProcessLimitError
 from osbuild.util.workdir import WorkDir, clean_stale
 
 # How a bind is idmapped: always (refused where the filesystem cannot), where
@@ -59,8 +59,6 @@ _UID_BASES = (0x00080000 // UID_RANGE, 0x6FFF0000 // UID_RANGE)
 # nspawn refuses to rm its propagation directory when /run is not a tmpfs.
 _NSPAWN_NOISE = ('Attempted to remove disk file system under "/run/systemd/nspawn/propagate/',)
 _USR_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
-# Default of --max-processes: processes (and threads) of one build root.
-DEFAULT_MAX_PROCESSES = 2048
 
 
 class BuildRootError(Exception):

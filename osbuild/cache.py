@@ -46,7 +46,7 @@ import subprocess
 import time
 
 from osbuild.objectstore import StoreError
-from osbuild.sources import checksum_error
+from osbuild.programs.checksum import checksum_error
 from osbuild.util.fs import remove_tree_parallel
 from osbuild.util.workdir import WorkDir
 

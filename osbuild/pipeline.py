@@ -5,13 +5,13 @@ import json
 import os
 import time
 
-from osbuild.buildroot import BuildRoot, DEFAULT_MAX_PROCESSES
 from osbuild.layout import CONTAINER
 from osbuild.meta import emulates, receives_secrets, uses_host_network
 from osbuild.monitor import Monitor
 from osbuild.objectstore import Object
 from osbuild.reproducible import DEFAULT_EPOCH, clamp_mtimes
 from osbuild.results import PipelineResult, StageResult
+from osbuild.util.pidlimit import DEFAULT_MAX_PROCESSES
 from osbuild.util.workdir import WorkDir
 
 
@@ -139,6 +139,7 @@ class Stage:
         # Every program already gets a read-only /etc and its own /var, /tmp and
         # /root; a stage that gets secrets also gets a build root of its own (its
         # own runner set-up), so nothing another program touched is near the secret.
+        from osbuild.buildroot import BuildRoot  # pylint: disable=import-outside-toplevel
         with BuildRoot(buildroot.root, buildroot.runner, buildroot.libdir,
                        ctx.store.tmp, ctx.max_processes, epoch=buildroot.epoch) as own:
             return self._run_in(ctx, own, tree, True)
@@ -365,6 +366,8 @@ class Pipeline:
         if found is None:
             return result
         root, runner = found
+        # only a build that runs something needs the container machinery
+        from osbuild.buildroot import BuildRoot  # pylint: disable=import-outside-toplevel
         with BuildRoot(root, runner, ctx.libdir, ctx.store.tmp,
                        ctx.max_processes, epoch=self.epoch) as buildroot:
             if self._run_stages(ctx, buildroot, result) and self._assembler_to_run(ctx):

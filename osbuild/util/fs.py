@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 
 
 # tar options that keep owners, modes, xattrs, ACLs and SELinux labels
@@ -112,6 +111,8 @@ def remove_tree_parallel(path, workers=8):
                         files.append(entry.path)
     except OSError:
         pass  # whatever could not be listed is left to remove_tree
+    # only here: most runs never remove a big tree
+    from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
     with ThreadPoolExecutor(workers) as pool:
         chunk = 256
         list(pool.map(_unlink_all, [files[i:i + chunk] for i in range(0, len(files), chunk)]))

@@ -21,6 +21,8 @@ import signal
 import time
 
 _PARENT = "osbuild"
+# Default of --max-processes: processes (and threads) of one build root.
+DEFAULT_MAX_PROCESSES = 2048
 
 
 class ProcessLimitError(Exception):
