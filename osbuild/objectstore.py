@@ -229,8 +229,11 @@ class ObjectStore:
         finally:
             obj.cleanup()
 
-    def commit(self, obj, object_id):
+    def commit(self, obj, object_id, clamp=None):
         """Commit `obj`'s tree under `object_id`; `obj` then continues from it.
+
+        With `clamp` (seconds), later mtimes are clamped to it while the tree
+        is hashed (see treesum.treesum).
 
         A tree identical to one already stored is dropped and only the ref
         is added. When another build registered `object_id` first (builds
@@ -244,7 +247,7 @@ class ObjectStore:
         else:
             tree, seen = obj.path, {}
             try:
-                target = treesum(tree, known=obj.known, seen=seen)
+                target = treesum(tree, known=obj.known, seen=seen, clamp=clamp)
             except TreeError as e:
                 raise StoreError(f"cannot commit {object_id}: {e}") from None
         # One step under the lock: of builds racing for one id, only the

@@ -410,12 +410,12 @@ class Pipeline:
                 result.stages.append(res)
                 if not res.success:
                     return False
-                # what the stage wrote "now" gets the pipeline's timestamp
-                clamp_mtimes(obj.write(), self.epoch)
-                if stage.id in ctx.checkpoints and stage is not todo[-1]:
-                    store.commit(obj, stage.id)
-            if todo:
-                store.commit(obj, todo[-1].id)
+                # what the stage wrote "now" gets the pipeline's timestamp: in
+                # the walk of the commit when one follows, else on its own
+                if stage is todo[-1] or stage.id in ctx.checkpoints:
+                    store.commit(obj, stage.id, clamp=self.epoch)
+                else:
+                    clamp_mtimes(obj.write(), self.epoch)
         return True
 
     def _run_assembler(self, ctx, buildroot, result):
@@ -424,5 +424,4 @@ class Pipeline:
             tree = store.resolve_ref(self.tree_id) if self.tree_id else empty.path
             result.assembler = self.assembler.run(ctx, buildroot, tree, output.write())
             if result.assembler.success:
-                clamp_mtimes(output.write(), self.epoch)
-                store.commit(output, self.output_id)
+                store.commit(output, self.output_id, clamp=self.epoch)

@@ -167,8 +167,9 @@ def _content_digest(st, name, dir_fd, path, known, seen):
 class _Walk:
     """One walk over a tree, feeding `digest`."""
 
-    def __init__(self, known, seen):
+    def __init__(self, known, seen, clamp=None):
         self.digest = hashlib.sha256(FORMAT)
+        self.clamp = clamp  # ns: later mtimes are set to it before they are hashed
         self.known = known
         self.seen = seen
         self.inodes = {}  # (dev, ino) of multiply linked non-directories -> first path
@@ -209,6 +210,10 @@ class _Walk:
                         os.close(dir_fd)
                     continue
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if self.clamp is not None and st.st_mtime_ns > self.clamp:
+                    os.utime(name, ns=(self.clamp, self.clamp), dir_fd=dir_fd,
+                             follow_symlinks=False)
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                 path = prefix + "/" + name
                 self.add(path, self.entry(st, name, dir_fd, path))
                 if stat.S_ISDIR(st.st_mode):
@@ -237,17 +242,25 @@ def _metadata(st):
             "type": stat.S_IFMT(st.st_mode), "mtime": st.st_mtime_ns}
 
 
-def treesum(path, known=None, seen=None):
+def treesum(path, known=None, seen=None, clamp=None):
     """Return the hex SHA-256 content hash of the tree rooted at `path`.
+
+    With `clamp` (seconds since 1970), every entry whose mtime is later is
+    first given that atime and mtime, as `reproducible.clamp_mtimes` would:
+    one walk instead of two.
 
     `known` maps a regular file's path (relative, with a leading "/") to its
     FileRecord; files that still match are not read again. If `seen` is a
     dict, it receives the FileRecord of every regular file of the tree.
     """
-    walk = _Walk(known, seen)
+    walk = _Walk(known, seen, None if clamp is None else clamp * 1_000_000_000)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        root = _metadata(os.fstat(fd))
+        st = os.fstat(fd)
+        if walk.clamp is not None and st.st_mtime_ns > walk.clamp:
+            os.utime(fd, ns=(walk.clamp, walk.clamp))
+            st = os.fstat(fd)
+        root = _metadata(st)
         root["xattrs"] = _xattrs("", fd)
         walk.add("", root)
         walk.walk(fd)
