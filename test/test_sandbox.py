@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from osbuild import __main__ as cli
+from osbuild import output as osbuild_output
 from osbuild.manifest import load
 from osbuild.meta import ValidationError, check_name
 from osbuild.objectstore import ObjectStore, StoreError, copy_tree, remove_tree
@@ -329,7 +329,7 @@ def test_output_copy_keeps_symlinks(tmp_path):
     dest = tmp_path / "dest"
     dest.mkdir()
     os.symlink(str(sentinel), dest / "image.raw")  # must be replaced, not written through
-    cli.copy_output(store, output_id, str(dest))
+    osbuild_output.copy_output(store, output_id, str(dest))
     assert os.readlink(dest / "dir-link") == str(sentinel)
     assert os.readlink(dest / "sub" / "abs") == "/etc/shadow"
     assert not os.path.islink(dest / "image.raw")
