@@ -446,15 +446,16 @@ def test_object_on_missing_base_leaves_nothing(tmp_path):
 
 
 def test_sigkill_while_the_host_fills_an_image(tmp_path):
-    """osbuild killed while the host's populate helper copies the tree into a mounted image:
-    the helper dies too, its private mounts go with it and the loop devices detach."""
+    """osbuild killed while the host's populate helper copies the tree into a mounted image
+    (xfs: ext4 and vfat are written without the host): the helper dies too, its private
+    mounts go with it and the loop devices detach."""
     token = f"populate{uuid.uuid4().hex[:12]}"
     store = tmp_path / "store"
     stages = [{"name": "org.osbuild.script", "options": {
         "chroot": False,
         "script": f"mkdir -p boot/grub && head -c 400M /dev/urandom > blob  # {token}"}}]
     desc = {"pipeline": {"stages": stages, "assembler": {"name": "org.osbuild.qemu", "options": {
-        "format": "raw", "filename": f"{token}.img", "size": 1 << 30,
+        "format": "raw", "filename": f"{token}.img", "size": 1 << 30, "root_fs_type": "xfs",
         "root_fs_uuid": "6e4ff95f-f662-45ee-a82a-bdf44a2d0b75", "bootloader": {"type": "none"}}}}}
     path = write_manifest(tmp_path / "manifest.json", desc)
     argv = [a for a in osbuild_cmd(store, path) if a != "--json"]
