@@ -2,6 +2,7 @@
 
 import collections
 import errno
+import functools
 import os
 import shutil
 import subprocess
@@ -72,18 +73,10 @@ def remove_tree(path):
         subprocess.run(["rm", "-rf", "--one-file-system", "--", path], check=False)
 
 
-def _unlink_all(paths):
+def _apply_all(remove, paths):
     for path in paths:
         try:
-            os.unlink(path)
-        except OSError:
-            pass  # left to remove_tree
-
-
-def _rmdir_all(paths):
-    for path in paths:
-        try:
-            os.rmdir(path)
+            remove(path)
         except OSError:
             pass  # left to remove_tree
 
@@ -115,10 +108,12 @@ def remove_tree_parallel(path, workers=8):
     from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
     with ThreadPoolExecutor(workers) as pool:
         chunk = 256
-        list(pool.map(_unlink_all, [files[i:i + chunk] for i in range(0, len(files), chunk)]))
+        unlink_all = functools.partial(_apply_all, os.unlink)
+        list(pool.map(unlink_all, [files[i:i + chunk] for i in range(0, len(files), chunk)]))
         for depth in sorted(dirs, reverse=True):  # deepest first: each level empties the next
             level = dirs[depth]
-            list(pool.map(_rmdir_all, [level[i:i + 64] for i in range(0, len(level), 64)]))
+            rmdir_all = functools.partial(_apply_all, os.rmdir)
+            list(pool.map(rmdir_all, [level[i:i + 64] for i in range(0, len(level), 64)]))
     remove_tree(path)  # what the fast path left (odd modes, races)
 
 
