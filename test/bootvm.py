@@ -56,8 +56,14 @@ i=0
 while ! findmnt -n /boot/efi >/dev/null 2>&1 && grep -q /boot/efi /etc/fstab && [ $i -lt 20 ]; do
   sleep 0.5; i=$((i+1))
 done
+# the getty on the serial console starts late under emulation; wait for it (bounded)
+i=0
+while ! systemctl is-active --quiet 'serial-getty@*' && [ $i -lt 120 ]; do
+  sleep 0.5; i=$((i+1))
+done
 {{
   echo "OSBUILD-REPORT-BEGIN"
+  echo "getty=$(systemctl list-units --state=active --plain --no-legend 'serial-getty@*' | awk '{{print $1}}' | tr '\\n' ' ')"
   echo "hostname=$(cat /etc/hostname)"
   echo "kernel=$(uname -r)"
   echo "machine=$(uname -m)"
