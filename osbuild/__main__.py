@@ -18,6 +18,10 @@ def _interrupted_early(_signum, _frame):
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "osbuild":
     signal.signal(signal.SIGINT, _interrupted_early)
+    from osbuild import rerun as _rerun  # a rebuild with nothing to build ends here
+    _STATUS = _rerun.replay(sys.argv[1:])
+    if _STATUS is not None:
+        sys.exit(_STATUS)
 
 # pylint: disable=wrong-import-position
 import argparse
@@ -143,15 +147,19 @@ def make_monitor(args):
     return Monitors(monitors)
 
 
-def read_json(path, what):
-    """Read a JSON file (or stdin for '-'), naming it in errors."""
+def read_json(path, what, raw=None):
+    """Read a JSON file (or stdin for '-'), naming it in errors; `raw` (a list) gets
+    the file's bytes."""
     try:
         if path == "-":
             text = sys.stdin.read()
             path = "<stdin>"
         else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            with open(path, "rb") as f:
+                data = f.read()
+            if raw is not None:
+                raw.append(data)
+            text = data.decode("utf-8")
     except OSError as e:
         raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
@@ -181,15 +189,18 @@ def read_object(path, what):
     return value
 
 
-def print_human(result):
+def human_result(result):
     """The closing lines of the human log."""
-    if result["success"]:
-        if result.get("tree_id"):
-            print(f"tree id: {result['tree_id']}")
-        if result.get("output_id"):
-            print(f"output id: {result['output_id']}")
-    else:
-        print("Failed")
+    if not result["success"]:
+        return "Failed\n"
+    return "".join(f"{name} id: {result[key]}\n" for name, key in
+                   (("tree", "tree_id"), ("output", "output_id")) if result.get(key))
+
+
+def print_human(result):
+    """Print the closing lines of the human log."""
+    sys.stdout.write(human_result(result))
+    sys.stdout.flush()
 
 
 def open_remote(args):
@@ -365,7 +376,8 @@ def run(args, monitors):
     if args.gc:
         return gc(args)
     max_size = parse_cache_max_size(args.cache_max_size)
-    desc = read_json(args.manifest, "manifest")
+    raw = []
+    desc = read_json(args.manifest, "manifest", raw)
     metacache.use_store(args.store)
     manifest = v1.load(desc, args.libdir, os.environ)
     for warning in manifest.warnings:
@@ -415,7 +427,42 @@ def run(args, monitors):
         print_human(result.as_dict())
         for path in copied:
             print(f"output: {path}")
+    remember(args, (store, limit), (desc, raw[0] if raw else None), manifest, sources,
+             (libdir, runner), result)
     return 0 if result.success else 1
+
+
+def remember(args, store_and_limit, manifest_read, manifest, sources, programs, result):
+    """Record a run that built nothing, for `rerun.replay` (see osbuild/rerun.py).
+
+    `store_and_limit`: (ObjectStore, its size limit); `manifest_read`: (the manifest's
+    JSON value, its file's bytes); `programs`: (libdir, the host's runner).
+    """
+    # pylint: disable=import-outside-toplevel
+    import importlib.util
+    from osbuild import rerun, schema
+    (store, limit), (desc, data), (libdir, runner) = store_and_limit, manifest_read, programs
+    done = result.as_dict()
+    pipeline = manifest.pipeline
+    wanted = pipeline.output_id if pipeline.assembler else pipeline.tree_id
+    built_nothing = done["success"] and not done["stages"] and "assembler" not in done
+    plain_run = data is not None and limit is None and rerun.parse(args.argv) is not None
+    if not (built_nothing and plain_run and wanted and store.contains(wanted)):
+        return
+    files = rerun.package_files() + rerun.program_files(pipeline, sources, libdir, runner)
+    files += schema.schema_paths(libdir) + ["/etc/os-release", "/usr/lib/os-release"]
+    jsonschema = importlib.util.find_spec("jsonschema")
+    if jsonschema and jsonschema.origin:
+        files.append(jsonschema.origin)
+    checksums = cache.checksums_in(desc, sources)
+    rerun.record(args.store, args.argv, {
+        "manifest": args.manifest, "digest": rerun.digest(data),
+        "files": [[path, rerun.file_identity(path)] for path in files],
+        "found": wanted, "refs": cache.pipeline_ids(pipeline),
+        "sources": cache.source_paths(store, checksums),
+        "stdout": json.dumps(done, allow_nan=False) + "\n" if args.json else human_result(done),
+        "log": not (args.json or args.quiet),
+        "stderr": "".join(f"osbuild: warning: {w}\n" for w in manifest.warnings)})
 
 
 def fail(message, as_json, status=1, monitors=None):
@@ -449,6 +496,7 @@ def main(argv=None):
         try:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt now
             args = parse_args(argv)
+            args.argv = list(argv)
             monitors = make_monitor(args)
             return run(args, monitors)
         finally:

@@ -227,11 +227,16 @@ def touch(store, ids, checksums):
     for object_id in ids:
         with contextlib.suppress(FileNotFoundError):
             os.utime(os.path.join(store.refs, object_id), ns=(now, now), follow_symlinks=False)
-    if checksums:
-        for path, _ in _source_files(store):
-            if os.path.basename(path) in checksums:
-                with contextlib.suppress(FileNotFoundError):
-                    os.utime(path, ns=(now, now))
+    for path in source_paths(store, checksums):
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path, ns=(now, now))
+
+
+def source_paths(store, checksums):
+    """The files of the source caches named by `checksums` (a set)."""
+    if not checksums:
+        return []
+    return [path for path, _ in _source_files(store) if os.path.basename(path) in checksums]
 
 
 class Lease:

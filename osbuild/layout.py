@@ -8,15 +8,18 @@ they cannot live in the store).
 """
 
 import os
-from typing import NamedTuple
 
 HOST_RUNTIME_DIR = "/run/osbuild"
 
 
-class ContainerLayout(NamedTuple):
-    """The container's paths below `root`."""
+class ContainerLayout:
+    """The container's paths below `root` (a plain class: typing costs every program
+    2-3 ms of start-up)."""
 
-    root: str = "/run/osbuild"
+    __slots__ = ("root",)
+
+    def __init__(self, root="/run/osbuild"):
+        self.root = root
 
     @property
     def api(self):

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import stat
-import uuid
 
 # The timestamp of a pipeline without `source-epoch` and without
 # SOURCE_DATE_EPOCH: 2020-01-01T00:00:00Z (the original osbuild's days).
@@ -68,6 +67,7 @@ def derive_uuid(*parts):
     E.g. `derive_uuid(options, "root-fs")` for a filesystem whose options
     give no UUID: the same options give the same UUID in every build.
     """
+    import uuid  # pylint: disable=import-outside-toplevel  # (imports platform: not on the warm path)
     return uuid.UUID(bytes=derive_bytes(16, *parts), version=4)
 
 

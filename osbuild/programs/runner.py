@@ -10,8 +10,6 @@ user-mode emulator for ARCH first (see osbuild/emulation.py).
 """
 
 import os
-import shutil
-import subprocess
 import sys
 
 from osbuild import api
@@ -19,6 +17,9 @@ from osbuild import api
 
 def run_if_present(argv):
     """Run a set-up command if the build tree has it; failures are reported, not fatal."""
+    # only --setup needs these (not every program's start)
+    import shutil  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
     if shutil.which(argv[0]) is None:
         return
     res = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
