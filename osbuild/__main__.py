@@ -147,19 +147,29 @@ def make_monitor(args):
     return Monitors(monitors)
 
 
+def stdin_manifest():
+    """Standard input's bytes (what osbuild.rerun read of it already, if it did)."""
+    rerun = sys.modules.get("osbuild.rerun")
+    data = rerun.stdin_bytes() if rerun else None
+    if data is not None:
+        return data
+    stream = sys.stdin
+    return stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode()
+
+
 def read_json(path, what, raw=None):
     """Read a JSON file (or stdin for '-'), naming it in errors; `raw` (a list) gets
     the file's bytes."""
     try:
         if path == "-":
-            text = sys.stdin.read()
+            data = stdin_manifest()
             path = "<stdin>"
         else:
             with open(path, "rb") as f:
                 data = f.read()
-            if raw is not None:
-                raw.append(data)
-            text = data.decode("utf-8")
+        if raw is not None:
+            raw.append(data)
+        text = data.decode("utf-8")
     except OSError as e:
         raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:

@@ -5,7 +5,7 @@ in `STORE/cache/rerun/<key>.json` what that outcome depended on:
 
 * the command line and working directory (exactly), the environment
   variables osbuild reads (`SOURCE_DATE_EPOCH`), and the interpreter;
-* the BLAKE2b digest of the manifest file's bytes;
+* the BLAKE2b digest of the manifest's bytes (a file, or standard input);
 * the identity (device, inode, size, mtime and ctime in ns) of every file
   that validation and ids read: the osbuild package, the programs and
   runners the manifest names, the schema (and that the earlier places
@@ -15,8 +15,9 @@ in `STORE/cache/rerun/<key>.json` what that outcome depended on:
 
 The next identical run (`replay`) checks all of that with stat(2) and one
 read of the manifest, touches the same refs and files, and prints the same
-result: no jsonschema, ast, engine modules or store lock. Anything else
-(another option, a manifest from stdin, a store with a size limit, a
+result: no jsonschema, ast, engine modules or store lock. A manifest on
+standard input is read here and kept (`stdin_bytes`) for the full path.
+Anything else (another option, a store with a size limit, a
 missing object, a changed file, a store or cache directory that another user
 can write) runs the full path, which also records the next memo.
 """
@@ -69,8 +70,8 @@ def parse(argv):
         elif arg in _VALUE_OPTIONS and i + 1 < len(argv):
             i += 1
             store = argv[i] if arg == "--store" else store
-        elif arg.startswith("-") or manifest is not None:
-            return None   # another option, stdin ('-'), or a second operand
+        elif arg.startswith("-") and arg != "-" or manifest is not None:
+            return None   # another option, or a second operand
         else:
             manifest = arg
         i += 1
@@ -124,14 +125,31 @@ def _matches(memo, store, argv, cwd):
     if memo.get("format") != FORMAT or memo["argv"] != argv or memo["cwd"] != cwd \
             or memo["env"] != environment() or memo["python"] != interpreter():
         return False
-    with open(memo["manifest"], "rb") as f:
-        if digest(f.read()) != memo["digest"]:
-            return False
+    if digest(_manifest_bytes(memo["manifest"])) != memo["digest"]:
+        return False
     if any(file_identity(path) != ident for path, ident in memo["files"]):
         return False
     if os.path.lexists(os.path.join(store, LIMIT_FILE)):
         return False
     return _ref_is_dir(store, memo["found"])
+
+
+_STDIN = []
+
+
+def _manifest_bytes(path):
+    """The manifest's bytes: the file, or all of standard input (kept for the full path)."""
+    if path != "-":
+        with open(path, "rb") as f:
+            return f.read()
+    if not _STDIN:
+        _STDIN.append(sys.stdin.buffer.read())
+    return _STDIN[0]
+
+
+def stdin_bytes():
+    """What `replay` read from standard input (None: nothing, read it yourself)."""
+    return _STDIN[0] if _STDIN else None
 
 
 def replay(argv):
@@ -215,7 +233,8 @@ def record(store, argv, memo):
     path = memo_path(store, argv, cwd)
     memo = dict(memo, format=FORMAT, argv=argv, cwd=cwd, env=environment(),
                 python=interpreter())
-    memo["manifest"] = os.path.join(cwd, memo["manifest"])
+    if memo["manifest"] != "-":
+        memo["manifest"] = os.path.join(cwd, memo["manifest"])
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)

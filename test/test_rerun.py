@@ -23,8 +23,8 @@ def test_parse_takes_only_options_that_change_nothing():
         ("s", "m")
     assert rerun.parse(["--json", "m"]) == (rerun.DEFAULT_STORE, "m")
     assert rerun.parse(["-q", "m"]) == (rerun.DEFAULT_STORE, "m")
-    for argv in (["--json", "--store", "s", "-"],             # stdin
-                 ["--json", "--output-directory", "o", "m"],  # copies out
+    assert rerun.parse(["--json", "--store", "s", "-"]) == ("s", "-")
+    for argv in (["--json", "--output-directory", "o", "m"],  # copies out
                  ["--json", "--export", "x", "m"], ["--json", "--break", "m"],
                  ["--json", "--remote", "s3://b/p", "m"], ["--json", "--gc"],
                  ["--json", "--cache-max-size", "1GiB", "m"], ["--json", "m", "n"],
@@ -45,15 +45,15 @@ def env_fixture(tmp_path):
             "tmp": tmp_path}
 
 
-def osbuild(env, *extra, environ=None, json_output=True):
+def osbuild(env, *extra, environ=None, json_output=True, stdin=None):
     """(result, whether the engine ran) of `osbuild --json` on the env's manifest
-    (without --json: the standard output)."""
+    (without --json: the standard output; with `stdin`: the manifest "-" fed that)."""
     argv = [sys.executable, "-X", "importtime", "-m", "osbuild", "--libdir", env["lib"],
             "--store", env["store"], *(["--json"] if json_output else []), *extra,
-            env["manifest"]]
+            "-" if stdin is not None else env["manifest"]]
     base = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False,
-                          env=dict(base, PYTHONPATH=REPO, **(environ or {})))
+                          input=stdin, env=dict(base, PYTHONPATH=REPO, **(environ or {})))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     out = json.loads(proc.stdout) if json_output else proc.stdout
     return out, "osbuild.pipeline" in proc.stderr
@@ -94,6 +94,23 @@ def test_human_log_is_replayed_with_its_own_time(env):
     quiet = f"tree id: {built['tree_id']}\n"
     assert osbuild(env, "--quiet", json_output=False) == (quiet, True)
     assert osbuild(env, "--quiet", json_output=False) == (quiet, False)
+
+
+@pytest.mark.integration
+def test_manifest_on_stdin_is_replayed_only_for_the_same_bytes(env):
+    """A composer pipes the manifest: the replay reads stdin, and hands it to the full
+    path when the memo does not match (another manifest on the same command line)."""
+    text = json.dumps(MANIFEST)
+    built, _ = osbuild(env, stdin=text)
+    first, engine = osbuild(env, stdin=text)
+    assert engine and first["stages"] == [] and first["tree_id"] == built["tree_id"]
+    assert osbuild(env, stdin=text) == (first, False)
+    other = json.dumps({"pipeline": {"stages": [{"name": "org.osbuild.noop",
+                                                 "options": {"rerun": 2}}]}})
+    result, engine = osbuild(env, stdin=other)
+    assert engine and result["stages"] and result["tree_id"] != first["tree_id"]
+    spaced, engine = osbuild(env, stdin=text + "\n")   # other bytes, same value
+    assert engine and spaced == first
 
 
 def change_manifest(env):
