@@ -448,9 +448,7 @@ def remember(args, store_and_limit, manifest_read, manifest, sources, programs, 
     `store_and_limit`: (ObjectStore, its size limit); `manifest_read`: (the manifest's
     JSON value, its file's bytes); `programs`: (libdir, the host's runner).
     """
-    # pylint: disable=import-outside-toplevel
-    import importlib.util
-    from osbuild import rerun, schema
+    from osbuild import rerun, schema  # pylint: disable=import-outside-toplevel
     (store, limit), (desc, data), (libdir, runner) = store_and_limit, manifest_read, programs
     done = result.as_dict()
     pipeline = manifest.pipeline
@@ -461,9 +459,8 @@ def remember(args, store_and_limit, manifest_read, manifest, sources, programs, 
         return
     files = rerun.package_files() + rerun.program_files(pipeline, sources, libdir, runner)
     files += schema.schema_paths(libdir) + ["/etc/os-release", "/usr/lib/os-release"]
-    jsonschema = importlib.util.find_spec("jsonschema")
-    if jsonschema and jsonschema.origin:
-        files.append(jsonschema.origin)
+    if metacache.jsonschema_origin():
+        files.append(metacache.jsonschema_origin())
     checksums = cache.checksums_in(desc, sources)
     rerun.record(args.store, args.argv, {
         "manifest": args.manifest, "digest": rerun.digest(data),

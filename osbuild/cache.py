@@ -45,6 +45,7 @@ import stat
 import subprocess
 import time
 
+from osbuild import rerun
 from osbuild.objectstore import StoreError
 from osbuild.programs.checksum import checksum_error
 from osbuild.util.fs import remove_tree_parallel
@@ -53,7 +54,7 @@ from osbuild.util.workdir import WorkDir
 LEASE_PREFIX = "work-lease-"
 TRASH_PREFIX = "work-evict-"
 LEASE_FILE = "lease.json"
-LIMIT_FILE = "cache.json"
+LIMIT_FILE = rerun.LIMIT_FILE
 # Entries of a source cache that are work in progress, never evicted.
 _BUSY_PREFIXES = ("work-", ".tmp-")
 
@@ -223,13 +224,7 @@ def _source_files(store):
 
 def touch(store, ids, checksums):
     """Record a use of the objects behind `ids` and of the source files named `checksums`."""
-    now = time.time_ns()
-    for object_id in ids:
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(os.path.join(store.refs, object_id), ns=(now, now), follow_symlinks=False)
-    for path in source_paths(store, checksums):
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(path, ns=(now, now))
+    rerun.touch(store.path, ids, source_paths(store, checksums))
 
 
 def source_paths(store, checksums):

@@ -43,9 +43,9 @@ def file_identity(path):
 _JSONSCHEMA = []
 
 
-def jsonschema_identity():
-    """The identity of the installed jsonschema package (its __init__.py), found without
-    importing it: another jsonschema version may judge differently."""
+def jsonschema_origin():
+    """The path of the installed jsonschema package's __init__.py (None: not installed),
+    found without importing it."""
     if not _JSONSCHEMA:
         import importlib.util  # pylint: disable=import-outside-toplevel
         try:
@@ -53,8 +53,15 @@ def jsonschema_identity():
             origin = spec.origin if spec else None
         except (ImportError, ValueError):
             origin = None
-        _JSONSCHEMA.append(file_identity(origin) if origin else None)
+        _JSONSCHEMA.append(origin)
     return _JSONSCHEMA[0]
+
+
+def jsonschema_identity():
+    """The identity of the installed jsonschema package: another jsonschema version may
+    judge differently."""
+    origin = jsonschema_origin()
+    return file_identity(origin) if origin else None
 
 
 def validation_key(schema_identity, value):

@@ -24,6 +24,7 @@ can write) runs the full path, which also records the next memo.
 
 import json
 import os
+import stat
 import sys
 import time
 
@@ -35,7 +36,7 @@ except ImportError:  # pragma: no cover
 FORMAT = 1
 DIRNAME = "rerun"
 ENVIRONMENT = ("SOURCE_DATE_EPOCH",)
-LIMIT_FILE = "cache.json"          # osbuild.cache.LIMIT_FILE: a limit means a shrink may be due
+LIMIT_FILE = "cache.json"   # where osbuild.cache saves a size limit: a shrink may be due
 DEFAULT_STORE = ".osbuild"
 # options that change nothing when nothing is built (other options: full path)
 _VALUE_OPTIONS = ("--store", "--libdir", "-l", "--checkpoint", "--max-processes",
@@ -87,7 +88,7 @@ _STORE_DIRS = ("objects", "refs", "tmp", "sources", "index")
 def _owned(path, kind, loose):
     """Whether `path` is of `kind` (stat.S_IFDIR/S_IFREG), ours, with no mode bits of `loose`."""
     st = os.lstat(path)
-    return st.st_mode & 0o170000 == kind and st.st_uid == os.geteuid() \
+    return stat.S_IFMT(st.st_mode) == kind and st.st_uid == os.geteuid() \
         and not st.st_mode & loose
 
 
@@ -95,8 +96,8 @@ def _private(store, path):
     """Whether the store and the memo at `path` are as the full path leaves them: owned
     by us, not writable by others (a planted or tampered memo is ignored)."""
     dirs = [os.path.join(store, d) for d in _STORE_DIRS + ("cache",)] + [os.path.dirname(path)]
-    return _owned(store, 0o040000, 0o022) and _owned(path, 0o100000, 0o077) \
-        and all(_owned(d, 0o040000, 0o077) for d in dirs)
+    return _owned(store, stat.S_IFDIR, 0o022) and _owned(path, stat.S_IFREG, 0o077) \
+        and all(_owned(d, stat.S_IFDIR, 0o077) for d in dirs)
 
 
 def memo_path(store, argv, cwd):
@@ -186,7 +187,8 @@ def replay(argv):
 
 
 def touch(store, ids, source_files):
-    """What osbuild.cache.touch does for a build: the refs of `ids` and `source_files` now."""
+    """Record a use (osbuild.cache's LRU clock): the refs of `ids` in the store at path
+    `store` and the files `source_files` get the time now."""
     now = time.time_ns()
     for object_id in ids:
         try:
@@ -239,7 +241,7 @@ def record(store, argv, memo):
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         for d in (os.path.dirname(os.path.dirname(path)), os.path.dirname(path)):
-            if not _owned(d, 0o040000, 0):
+            if not _owned(d, stat.S_IFDIR, 0):
                 return
             os.chmod(d, 0o700)
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
