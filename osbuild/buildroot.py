@@ -39,7 +39,7 @@ import uuid
 from typing import NamedTuple
 
 import osbuild
-from osbuild import emulation, etctemplate
+from osbuild import emulation, etctemplate, seccomp
 from osbuild.api import OsbuildAPI
 from osbuild.layout import CONTAINER, HOST_RUNTIME_DIR
 from osbuild.debugshell import ProgramControl
@@ -363,6 +363,8 @@ class BuildRoot(contextlib.AbstractContextManager):
                 if shell.interactive:  # nspawn relays through a pty: the terminal stays out
                     nspawn[nspawn.index("--console=pipe")] = "--console=interactive"
                 nspawn += [f"--chdir={CONTAINER.tree}", *shell.argv()]
+            filters = seccomp.for_options(seccomp.options_key(nspawn),
+                                          f"{self.uid_base}:{UID_RANGE}")
             argv = contained(nspawn)
             limit = None
             if self.max_processes:
@@ -374,7 +376,7 @@ class BuildRoot(contextlib.AbstractContextManager):
                 argv = limit.wrap(argv)
             servers = ([] if args is None else [OsbuildAPI(args, None, on_phase)]) + list(apis)
             returncode, chunks, hit, timed_out = _execute(
-                argv, api_workdir.path, servers, monitor, limit, timeout, shell)
+                argv, api_workdir.path, servers, monitor, limit, timeout, shell, filters)
         if hit:
             msg = (f"\nosbuild: the program hit the build root's limit of {self.max_processes} "
                    "processes (--max-processes) and was stopped\n").encode()
@@ -389,8 +391,9 @@ class BuildRoot(contextlib.AbstractContextManager):
         return res
 
 
-def _execute(argv, api_dir, servers, monitor, limit, timeout=None, shell=None):
-    """Run the container command `argv` with the API `servers` in `api_dir`;
+def _execute(argv, api_dir, servers, monitor, limit, timeout=None, shell=None, filters=None):
+    """Run the container command `argv` with the API `servers` in `api_dir`
+    (and, given seccomp.Filters `filters`, under them instead of nspawn's own);
     returns (exit status, output chunks, whether the process limit was hit,
     whether it ran out of time and was stopped). The OsbuildAPI among them
     hands out the write end of the log pipe."""
@@ -421,9 +424,17 @@ def _execute(argv, api_dir, servers, monitor, limit, timeout=None, shell=None):
         # The container starts with nspawn's stdio (errors before the runner
         # connects to the osbuild API land there); the program's own
         # output arrives through the log pipe handed out by setup-stdio.
-        # pylint: disable-next=consider-using-with
-        proc = subprocess.Popen(argv, stdin=stdin, stdout=err_w if out_w is None else out_w,
-                                stderr=err_w, close_fds=True, start_new_session=True)
+        # the caller's SYSTEMD_SECCOMP=0 must not turn nspawn's filters off
+        env = {k: v for k, v in os.environ.items() if k not in seccomp.ENV}
+        popen = subprocess.Popen
+        if filters is not None:
+            env.update(seccomp.ENV)
+            try:
+                popen = filters.spawner().popen
+            except OSError as e:
+                raise BuildRootError(f"the build root's seccomp filters: {e.strerror}") from e
+        proc = popen(argv, stdin=stdin, stdout=err_w if out_w is None else out_w,
+                     stderr=err_w, close_fds=True, start_new_session=True, env=env)
         os.close(err_w)
         err_w = None
         if limit is not None:

@@ -147,8 +147,9 @@ def ext4_used_inodes(fd, offset=0):
     return used
 
 
-def _debugfs(image, commands, tmpdir):
-    """Run the debugfs `commands` (lines) read-write on the filesystem in `image`."""
+def _debugfs(image, commands, tmpdir, image_fd=None):
+    """Run the debugfs `commands` (lines) read-write on the filesystem in `image`
+    (which may name `image_fd` as /proc/self/fd/N)."""
     if not commands:
         return
     with tempfile.NamedTemporaryFile("w", dir=tmpdir, prefix=".debugfs-", suffix=".cmd",
@@ -158,7 +159,8 @@ def _debugfs(image, commands, tmpdir):
         try:
             res = subprocess.run(["debugfs", "-w", "-f", script.name, image],
                                  capture_output=True, text=True, errors="replace",
-                                 check=False, env=build_env())
+                                 check=False, env=build_env(),
+                                 pass_fds=() if image_fd is None else (image_fd,))
         except FileNotFoundError:
             raise ToolError("'debugfs' is missing from the build root") from None
     # debugfs exits 0 even when a command fails; it reports failures on stderr
@@ -278,24 +280,27 @@ def mkfs_ext4_from(argv, src, image_fd, part, tmpdir, commands=()):
     epoch = reproducible.epoch()
     uuid = argv[argv.index("-U") + 1]
 
-    def finish(fd, path):
-        before = ext4_used_inodes(fd)
-        _debugfs(path, list(commands), tmpdir)
-        after = ext4_used_inodes(fd)
-        # inodes of removed entries keep their old times: clear them
-        gone = sorted(set(before) - set(after))
-        _debugfs(path, [f"clri <{ino}>" for ino in gone] +
-                 [f"sif <{ino}> {field} {epoch}" for ino in after
-                  if ino == 2 or ino >= 11 for field in ("atime", "ctime")], tmpdir)
-
+    # mke2fs and debugfs write at `offset` of the image itself (unix_io's offset
+    # option): no scratch file to copy in
+    device = f"/proc/self/fd/{image_fd}"
     try:
-        mkfs_into(argv + ["-E", f"hash_seed={uuid}", "-d", src], image_fd, offset, size,
-                  tmpdir, finish)
+        run(argv + ["-E", f"hash_seed={uuid},offset={offset}", "-d", src, device,
+                    f"{size // 1024}k"], stdout=subprocess.DEVNULL, env=build_env(),
+            pass_fds=(image_fd,))
     except ToolError as e:
         if "mkfs.ext4" not in str(e):
             raise
         raise ToolError("copying the tree into the image failed (see the mkfs.ext4 messages; "
                         "is the image large enough?)") from None
+    device += f"?offset={offset}"
+    before = ext4_used_inodes(image_fd, offset)
+    _debugfs(device, list(commands), tmpdir, image_fd)
+    after = ext4_used_inodes(image_fd, offset)
+    # inodes of removed entries keep their old times: clear them
+    gone = sorted(set(before) - set(after))
+    _debugfs(device, [f"clri <{ino}>" for ino in gone] +
+             [f"sif <{ino}> {field} {epoch}" for ino in after
+              if ino == 2 or ino >= 11 for field in ("atime", "ctime")], tmpdir, image_fd)
 
 
 def build_env():

@@ -5,8 +5,11 @@ starts the runner once with `--setup`, with /etc writable: the runner then
 does the distribution's set-up (ldconfig, sysusers, CA trust) and exits.
 Every program is started later with its path as the argument, /etc
 read-only: the runner connects stdio to the host through the osbuild API
-and executes it. `--emulate ARCH` before the program registers qemu's
-user-mode emulator for ARCH first (see osbuild/emulation.py).
+and executes it; a Python program for the runner's own interpreter runs in
+the runner's process instead (`python_program`), which saves starting a
+second interpreter and importing the osbuild package again. `--emulate
+ARCH` before the program registers qemu's user-mode emulator for ARCH first
+(see osbuild/emulation.py).
 """
 
 import os
@@ -81,4 +84,44 @@ def run(argv, setup):
         sys.exit(2)
     sys.stdout.flush()
     sys.stderr.flush()
+    flags = python_program(argv[0])
+    if flags is not None:
+        run_python(argv, site="-S" not in flags)
     os.execv(argv[0], argv)
+
+
+def python_program(path):
+    """The interpreter flags of `path` when its #! line names this interpreter with
+    no flag but -S (so it can run in this process); else None."""
+    try:
+        with open(path, "rb") as f:
+            line = f.readline(256)
+    except OSError:
+        return None
+    if not line.startswith(b"#!") or not line.endswith(b"\n"):
+        return None
+    interpreter, *flags = line[2:].decode("utf-8", errors="replace").split()
+    if os.path.realpath(interpreter) != os.path.realpath(sys.executable):
+        return None
+    if any(flag != "-S" for flag in flags):
+        return None
+    return flags
+
+
+def run_python(argv, site):
+    """Run the Python program `argv[0]` as __main__ in this process, as its own
+    interpreter would (with the site packages when `site`); exits with its status."""
+    path = argv[0]
+    with open(path, "rb") as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)
+    if site:
+        import site as site_module  # pylint: disable=import-outside-toplevel
+        site_module.main()
+    main_module = type(sys)("__main__")
+    main_module.__file__ = path
+    main_module.__builtins__ = __builtins__
+    sys.modules["__main__"] = main_module
+    sys.argv = list(argv)
+    sys.path[0] = os.path.dirname(path)
+    exec(code, main_module.__dict__)  # pylint: disable=exec-used
+    sys.exit(0)

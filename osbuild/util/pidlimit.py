@@ -143,6 +143,7 @@ class ProcessLimit:
     def close(self, timeout=10):
         """Remove the cgroup; waits (up to `timeout` s) for the last processes to be reaped."""
         deadline = time.monotonic() + timeout
+        pause = 0.001
         while True:
             try:
                 os.rmdir(self.path)
@@ -152,4 +153,5 @@ class ProcessLimit:
             except OSError:
                 if time.monotonic() > deadline:
                     return  # removed by _clean_stale of a later run
-                time.sleep(0.02)
+                time.sleep(pause)
+                pause = min(pause * 2, 0.02)
