@@ -62,7 +62,7 @@ def python_and_parse(manifest):
 def main():
     """Print the figures."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--stages", type=int, default=10, help="noop stages for the overhead run")
+    parser.add_argument("--stages", type=int, default=20, help="noop stages for the overhead run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per timed figure (best)")
     args = parser.parse_args()
     compileall.compile_dir(os.path.join(REPO, "osbuild"), quiet=1)

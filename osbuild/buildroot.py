@@ -23,7 +23,8 @@ remount, mknod, load modules, change sysctls or reach the host's network;
 privileged work (loop devices, mounting image filesystems) is done
 by the host through the APIs (see remoteloop.py). Each container runs in a
 pids cgroup of its own (util/pidlimit.py): a program that hits the limit is
-stopped and fails.
+stopped and fails. It runs under nspawn's own seccomp filters, installed by
+osbuild instead of compiled by nspawn for every container (seccomp.py).
 """
 
 import contextlib
