@@ -42,7 +42,7 @@ from typing import NamedTuple
 import osbuild
 from osbuild import emulation, etctemplate, seccomp
 from osbuild.api import OsbuildAPI
-from osbuild.layout import CONTAINER, HOST_RUNTIME_DIR
+from osbuild.layout import CONTAINER, HOST_RUNTIME_DIR, USR_DIRS
 from osbuild.debugshell import ProgramControl
 from osbuild.remoteloop import LoopServer
 from osbuild.util import idmap
@@ -59,7 +59,6 @@ UID_RANGE = 0x10000
 _UID_BASES = (0x00080000 // UID_RANGE, 0x6FFF0000 // UID_RANGE)
 # nspawn refuses to rm its propagation directory when /run is not a tmpfs.
 _NSPAWN_NOISE = ('Attempted to remove disk file system under "/run/systemd/nspawn/propagate/',)
-_USR_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 
 class BuildRootError(Exception):
@@ -113,7 +112,7 @@ def escape_bind(path):
     return path.replace("\\", "\\\\").replace(":", "\\:")
 
 
-def tree_dirs(tree, names=_USR_DIRS):
+def tree_dirs(tree, names=USR_DIRS):
     """What each of `names` is in `tree`, looked at without following symlinks:
     {name: ("dir", None) or ("link", target)}; other kinds and missing ones are left out."""
     found = {}

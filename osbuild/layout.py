@@ -10,6 +10,8 @@ they cannot live in the store).
 import os
 
 HOST_RUNTIME_DIR = "/run/osbuild"
+# The directories of a container's root that come from the build tree (or the host).
+USR_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 
 class ContainerLayout:

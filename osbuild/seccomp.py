@@ -31,7 +31,7 @@ import subprocess
 import threading
 import time
 
-from osbuild.layout import HOST_RUNTIME_DIR
+from osbuild.layout import HOST_RUNTIME_DIR, USR_DIRS
 from osbuild.metacache import file_identity
 from osbuild.util.lifetime import contained
 from osbuild.util.workdir import WorkDir, clean_stale
@@ -300,7 +300,7 @@ def _dump(pid):
 def _probe_root(path):
     """A container root with the host's /usr (and /bin, /lib*, ... as the host has them)."""
     binds = []
-    for name in ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+    for name in USR_DIRS:
         host = os.path.join("/", name)
         if os.path.islink(host):
             os.symlink(os.readlink(host), os.path.join(path, name))
@@ -323,7 +323,7 @@ def probe(options, private_users):
     os.makedirs(HOST_RUNTIME_DIR, mode=0o755, exist_ok=True)
     clean_stale(HOST_RUNTIME_DIR, ("work-",))
     root = WorkDir(HOST_RUNTIME_DIR, "work-")
-    env = {k: v for k, v in os.environ.items() if k != "SYSTEMD_SECCOMP"}
+    env = {k: v for k, v in os.environ.items() if k not in ENV}
     try:
         argv = ["systemd-nspawn", *options, f"--private-users={private_users}",
                 "--console=pipe", f"--directory={root.path}", *_probe_root(root.path),
@@ -359,20 +359,24 @@ def probe(options, private_users):
 def for_options(options, private_users):
     """The Filters nspawn installs with `options` (see options_key), from this
     process's memory, the cache or a probe; None where they cannot be read."""
+    key = tuple(options)
+    if key not in _ACTIVE:
+        _ACTIVE[key] = _load(options, private_users)
+    return _ACTIVE[key]
+
+
+def _load(options, private_users):
+    """for_options() without the memory: the cache, else a probe (kept when it worked)."""
     nspawn = shutil.which("systemd-nspawn")
     if nspawn is None:
         return None
-    key = json.dumps([nspawn, options])
-    if key not in _ACTIVE:
-        path = _cache_path(options, os.path.realpath(nspawn))
-        filters = _read(path)
-        if filters is None:
-            try:
-                filters, files = probe(options, private_users)
-            except (ProbeError, OSError):
-                filters = files = None
-            if filters is not None:
-                with contextlib.suppress(ProbeError, OSError):
-                    _write(path, filters, files)
-        _ACTIVE[key] = filters
-    return _ACTIVE[key]
+    path = _cache_path(options, os.path.realpath(nspawn))
+    filters = _read(path)
+    if filters is None:
+        try:
+            filters, files = probe(options, private_users)
+        except (ProbeError, OSError):
+            return None
+        with contextlib.suppress(ProbeError, OSError):
+            _write(path, filters, files)
+    return filters
