@@ -4,28 +4,23 @@
 # print a traceback: exit 130 with one line. main() takes over from here.
 # Only when this is the program (python3 -m osbuild, or the `osbuild` entry
 # point): a process that merely imports the module keeps its own handler.
+# osbuild/__init__.py has already done so when it saw the command line.
 import os
-import signal
 import sys
 
-
-def _interrupted_early(_signum, _frame):
-    if "--json" in sys.argv:
-        os.write(1, b'{"success": false, "error": "interrupted"}\n')
-    os.write(2, b"\nosbuild: interrupted\n")
-    os._exit(130)  # pylint: disable=protected-access
-
+import osbuild
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "osbuild":
-    signal.signal(signal.SIGINT, _interrupted_early)
+    osbuild.catch_early_interrupts()
     from osbuild import rerun as _rerun  # a rebuild with nothing to build ends here
     _STATUS = _rerun.replay(sys.argv[1:])
     if _STATUS is not None:
         sys.exit(_STATUS)
 
-# pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position,wrong-import-order
 import argparse
 import json
+import signal
 
 from osbuild import __version__, debugshell, metacache
 from osbuild import cache
@@ -492,15 +487,32 @@ def _reported_errors():
     return (UsageError, ValidationError, StoreError, BuildRootError, MonitorError, RemoteError)
 
 
+def _redeliver_interrupts(unraisable):
+    """A sys.unraisablehook: a KeyboardInterrupt that landed where Python cannot
+    raise it (a weakref callback of the import system, a __del__) is not lost
+    but delivered again from another thread, once the callback has returned
+    (delivered from here, it would land in this hook and be dropped again)."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        import _thread  # pylint: disable=import-outside-toplevel
+        import threading  # pylint: disable=import-outside-toplevel
+        again = threading.Timer(0.001, _thread.interrupt_main)
+        again.daemon = True
+        again.start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
 def main(argv=None):
     """Entry point of the `osbuild` command."""
     argv = sys.argv[1:] if argv is None else argv
     # --json before parsing: a command-line error is also reported as JSON
     as_json = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
     previous = signal.getsignal(signal.SIGINT)
+    previous_hook = sys.unraisablehook
     monitors = None
     try:
         try:
+            sys.unraisablehook = _redeliver_interrupts
             signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt now
             args = parse_args(argv)
             args.argv = list(argv)
@@ -510,6 +522,7 @@ def main(argv=None):
             # as the program, a second Ctrl-C while reporting must not print a
             # traceback either; a caller in the same process gets its handler back
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+            sys.unraisablehook = previous_hook
     except KeyboardInterrupt:
         if as_json:
             print_json({"success": False, "error": "interrupted"})

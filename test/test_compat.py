@@ -311,6 +311,14 @@ def _interpreter_startup_failure(err):
     return err.startswith("Fatal Python error: init_") and "osbuild" not in err
 
 
+def _lost_while_site_loads(err):
+    """Python's default handler raised KeyboardInterrupt in a weakref callback of the
+    import system while `site` loaded, before any osbuild code: the interpreter
+    printed "Exception ignored" and dropped it, and the build went on."""
+    return (err.startswith("Exception ignored in: <function _get_module_lock")
+            and err.rstrip().endswith("KeyboardInterrupt:") and "osbuild" not in err)
+
+
 @pytest.mark.integration
 @needs_root
 def _default_sigint():
@@ -347,7 +355,8 @@ def test_sigint_at_any_moment_exits_130_with_one_line(tmp_path):
             time.sleep(delay)
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=60)
-            if proc.returncode == -signal.SIGINT or _interpreter_startup_failure(err):
+            if proc.returncode == -signal.SIGINT or _interpreter_startup_failure(err) \
+                    or _lost_while_site_loads(err):
                 assert delay < 0.3, (delay, err)
                 continue
             assert "Traceback" not in err, (delay, err)
