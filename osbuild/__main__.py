@@ -19,6 +19,7 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "osbuild":
 
 # pylint: disable=wrong-import-position,wrong-import-order
 import argparse
+import functools
 import json
 import signal
 
@@ -487,11 +488,12 @@ def _reported_errors():
     return (UsageError, ValidationError, StoreError, BuildRootError, MonitorError, RemoteError)
 
 
-def _redeliver_interrupts(unraisable):
+def _redeliver_interrupts(unraisable, otherwise=sys.__unraisablehook__):
     """A sys.unraisablehook: a KeyboardInterrupt that landed where Python cannot
     raise it (a weakref callback of the import system, a __del__) is not lost
     but delivered again from another thread, once the callback has returned
-    (delivered from here, it would land in this hook and be dropped again)."""
+    (delivered from here, it would land in this hook and be dropped again).
+    Anything else goes to `otherwise`."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt):
         import _thread  # pylint: disable=import-outside-toplevel
         import threading  # pylint: disable=import-outside-toplevel
@@ -499,7 +501,7 @@ def _redeliver_interrupts(unraisable):
         again.daemon = True
         again.start()
     else:
-        sys.__unraisablehook__(unraisable)
+        otherwise(unraisable)
 
 
 def main(argv=None):
@@ -512,7 +514,7 @@ def main(argv=None):
     monitors = None
     try:
         try:
-            sys.unraisablehook = _redeliver_interrupts
+            sys.unraisablehook = functools.partial(_redeliver_interrupts, otherwise=previous_hook)
             signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt now
             args = parse_args(argv)
             args.argv = list(argv)
