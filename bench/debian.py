@@ -16,6 +16,8 @@ test/debian_samples.py):
     (../shared/reference/debian12-bootable-recipe.sh, a bookworm recipe) on
     the same initramfs setting: fetch + install + image, its floor.
 and finally a table of cold / warm / last-stage figures side by side.
+Every timed run (and each timed step of the recipe) starts after a sync(2),
+so none pays for writing back the data of the run before it.
 
 `--arch arm64` measures samples/debian13-arm64-qcow2.json instead, built on
 this host with its dpkg stage under qemu's user-mode emulation: the cold build
@@ -108,6 +110,11 @@ def stage_ids(manifest):
     return ids
 
 
+def settle():
+    """Write back what earlier runs left dirty, so no timed run pays for another's data."""
+    os.sync()
+
+
 def run_osbuild(manifest, store, workdir, label, extra=()):
     """Run osbuild (human log), timestamping each line. Returns a result dict."""
     # repeated runs (label + digits) share the manifest's path, as a user's rebuild does
@@ -115,6 +122,7 @@ def run_osbuild(manifest, store, workdir, label, extra=()):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(manifest, f)
     rusage = os.path.join(workdir, f"time-{label}.txt")
+    settle()
     cmd = ["/usr/bin/time", "-f", "%M", "-o", rusage,
            sys.executable, "-m", "osbuild", "--libdir", REPO, "--store", store, *extra, path]
     lines = []
@@ -170,6 +178,7 @@ def run_recipe(workdir, fast_initrd):
     with open(os.path.join(workdir, f"recipe-{int(fast_initrd)}.log"), "w",
               encoding="utf-8") as log:
         for step in ("depsolve", "fetch", "install", "image"):
+            settle()
             start = time.monotonic()
             proc = subprocess.run(["bash", RECIPE, step], env=env, stdout=log, stderr=log,
                                   check=False)

@@ -11,14 +11,13 @@ as it is, setuid programs included, where no other user can reach it).
 """
 
 import contextlib
-import errno
 import os
 import secrets
 import shutil
 import stat
 import tempfile
 
-from osbuild.util.fs import copy_tree, data_extents
+from osbuild.util.fs import copy_range, copy_tree, data_extents
 
 
 _PRIVILEGE = stat.S_ISUID | stat.S_ISGID
@@ -42,34 +41,13 @@ def _unchanged(st, dst):
         and other.st_mtime_ns == st.st_mtime_ns and stat.S_IMODE(other.st_mode) == _mode(st)
 
 
-def _copy_range(src, dst, start, end):
-    """Copy bytes [start, end) of `src` to the same place in `dst` (fds)."""
-    fast = True
-    while start < end:
-        count = min(end - start, 1 << 24)
-        if fast:
-            try:
-                done = os.copy_file_range(src, dst, count, start, start)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                fast = False  # another filesystem: plain reads and writes
-                continue
-        else:
-            data = os.pread(src, min(count, 1 << 20), start)
-            done = os.pwrite(dst, data, start) if data else 0
-        if done == 0:
-            raise OSError(errno.EIO, "the file changed while it was copied")
-        start += done
-
-
 def _copy_file(src, st, directory, name):
     """Copy the regular file `src` to a new temporary file in `directory`; returns its path."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".osbuild-tmp", dir=directory)
     try:
         with open(src, "rb") as f:
             for start, end in data_extents(f.fileno(), st.st_size):
-                _copy_range(f.fileno(), fd, start, end)
+                copy_range(f.fileno(), fd, start, end)
         os.ftruncate(fd, st.st_size)
         os.fchmod(fd, _mode(st))
         os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -6,7 +6,6 @@ and the programs run are the build root's.
 """
 
 import contextlib
-import errno
 import os
 import re
 import stat
@@ -15,6 +14,7 @@ import subprocess
 import tempfile
 
 from osbuild import reproducible
+from osbuild.util.fs import copy_range, data_extents
 
 
 class ToolError(Exception):
@@ -88,22 +88,8 @@ def mkfs_into(argv, image_fd, offset, size, tmpdir, fill=None):
 def copy_sparse(src_fd, dst_fd, offset, size):
     """Copy the data (not the holes) of the first `size` bytes of `src_fd` into
     `dst_fd` at `offset`."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(src_fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:     # only a hole is left
-                return
-            raise
-        end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
-        while start < end:
-            copied = os.copy_file_range(src_fd, dst_fd, end - start,
-                                        offset_src=start, offset_dst=offset + start)
-            if copied == 0:
-                raise OSError(errno.EIO, "short copy while writing a filesystem into the image")
-            start += copied
-        pos = end
+    for start, end in data_extents(src_fd, size):
+        copy_range(src_fd, dst_fd, start, end, offset + start)
 
 
 # Names debugfs(8) can take between double quotes: printable, no quote, no backslash.

@@ -133,3 +133,27 @@ def data_extents(fd, size):
             start, end = pos, size  # the filesystem cannot tell: all data
         yield start, end
         pos = end
+
+
+def copy_range(src_fd, dst_fd, start, end, dst_start=None):
+    """Copy bytes [start, end) of `src_fd` into `dst_fd` at `dst_start` (default: the
+    same place): in the kernel where it can (copy_file_range), else by reads and
+    writes (between filesystems it does not join, a tmpfs and a disk)."""
+    shift = 0 if dst_start is None else dst_start - start
+    fast = True
+    while start < end:
+        count = min(end - start, 1 << 24)
+        if fast:
+            try:
+                done = os.copy_file_range(src_fd, dst_fd, count, start, start + shift)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                fast = False
+                continue
+        else:
+            data = os.pread(src_fd, min(count, 1 << 20), start)
+            done = os.pwrite(dst_fd, data, start + shift) if data else 0
+        if done == 0:
+            raise OSError(errno.EIO, "the file changed while it was copied")
+        start += done
